@@ -1,0 +1,148 @@
+"""One generation session on the verifier: re-tokenize and align a proposal, then decide and commit.
+
+A round is split around the target forward so the scheduler can batch many sessions' forwards:
+`plan` (CPU: retokenize, align, proposal law) -> TargetModel.forward -> `decide` (acceptance rule,
+commit, crop the cache). The committed target ids are the truth; the KV cache is derived state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cloud_verifier.align import draft_positions_per_target, dtw_align
+from cloud_verifier.errors import ProposalError, SessionFinishedError
+from cloud_verifier.target import RowCache
+from cloud_verifier.transfer import transfer_top_k
+from cloud_verifier.verify import Verdict, target_probs, verify_greedy, verify_point_mass, verify_rejection
+from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
+from shared.proposal import DraftProposal, RoundOutcome
+from shared.retokenize import retokenize
+from shared.utf8 import incomplete_tail_length
+from shared.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class PlannedRound:
+    proxy_ids: tuple[int, ...]  # the proposal in the target vocabulary, x_1..x_m
+    feed_ids: tuple[int, ...]  # committed ids not yet in the cache, then the proxy ids
+    draft_positions: tuple[tuple[int, ...], ...]  # A(j): draft tokens aligned to each proxy token
+    proposal_probs: tuple[dict[int, float], ...] | None  # q_j for the min(1, p/q) rules
+
+
+class VerifierSession:
+    def __init__(self, vocab: Vocab, prompt_ids: list[int], config: DecodingConfig, max_new_tokens: int,
+                 max_draft_tokens: int, align_window: int | None = 32) -> None:
+        if not prompt_ids:
+            raise ProposalError("the prompt tokenizes to no target tokens")
+        if max_new_tokens < 1:
+            raise ProposalError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab.validate_ids(prompt_ids)
+        self.vocab = vocab
+        self.config = config
+        self.max_new_tokens = max_new_tokens
+        self.max_draft_tokens = max_draft_tokens
+        self.align_window = align_window
+        self.committed_ids = list(prompt_ids)
+        self.prompt_length = len(prompt_ids)
+        self.output_bytes = b""
+        self.cache = RowCache()
+        self.finished = False
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+
+    @property
+    def generated_count(self) -> int:
+        return len(self.committed_ids) - self.prompt_length
+
+    def _usable_bytes(self, proposal: DraftProposal) -> bytes:
+        """The draft bytes up to the last whole character of the output stream."""
+        draft = proposal.text_bytes
+        held_back = incomplete_tail_length(self.output_bytes[-3:] + draft)
+        return draft[: max(0, len(draft) - held_back)]
+
+    def _proxy_ids(self, proposal: DraftProposal) -> list[int]:
+        if self.config.mode is DecodeMode.SAMPLE and self.config.rule is AcceptanceRule.DRAFT_PROBS:
+            by_bytes = self.vocab.id_by_bytes
+            missing = [t.token_bytes for t in proposal.tokens if t.token_bytes not in by_bytes]
+            if missing:
+                raise ProposalError(f"draft_probs proposals may hold only tokens the target vocabulary shares; {missing[0]!r} is not one")
+            if proposal.ends_with_eos:
+                raise ProposalError("draft_probs proposals cannot end with the draft's EOS (it has no shared-vocabulary law)")
+            return [by_bytes[t.token_bytes] for t in proposal.tokens]
+        return retokenize(self.vocab, self.committed_ids, self._usable_bytes(proposal))
+
+    def plan(self, proposal: DraftProposal) -> PlannedRound:
+        if self.finished:
+            raise SessionFinishedError("this session has finished; start a new one")
+        if len(proposal.tokens) > self.max_draft_tokens:
+            raise ProposalError(f"a proposal may hold at most {self.max_draft_tokens} draft tokens, got {len(proposal.tokens)}")
+        proxy = self._proxy_ids(proposal)
+        if proposal.ends_with_eos and self.vocab.tokenizer.eos_token_id is not None:
+            proxy.append(self.vocab.tokenizer.eos_token_id)
+        # Verifying m tokens can emit m + 1: never propose past the token budget.
+        proxy = proxy[: self.max_new_tokens - self.generated_count - 1]
+        draft_texts = [t.token_bytes.decode("utf-8", errors="replace") for t in proposal.tokens]
+        alignment = dtw_align(draft_texts, [self.vocab.token_text(i) for i in proxy], window=self.align_window)
+        positions = draft_positions_per_target(alignment, len(proxy))
+        return PlannedRound(
+            proxy_ids=tuple(proxy),
+            feed_ids=tuple(self.committed_ids[self.cache.length :]) + tuple(proxy),
+            draft_positions=positions,
+            proposal_probs=self._proposal_probs(proposal, proxy, positions),
+        )
+
+    def _proposal_probs(self, proposal: DraftProposal, proxy: list[int],
+                        positions: tuple[tuple[int, ...], ...]) -> tuple[dict[int, float], ...] | None:
+        if self.config.mode is DecodeMode.GREEDY or self.config.rule is AcceptanceRule.POINT_MASS:
+            return None
+        if self.config.rule is AcceptanceRule.DRAFT_PROBS:
+            by_bytes = self.vocab.id_by_bytes
+            laws = []
+            for token, proxy_id in zip(proposal.tokens, proxy):
+                law = {by_bytes[b]: p for b, p in token.top_k if b in by_bytes}
+                if law.get(proxy_id, 0.0) <= 0.0:
+                    raise ProposalError("draft_probs proposal: a drafted token has no probability in its own top-k law")
+                laws.append(law)
+            return tuple(laws)
+        return tuple(transfer_top_k([t.top_k for t in proposal.tokens], positions, proxy, self.vocab.id_by_bytes))
+
+    def _verdict(self, planned: PlannedRound, logits: torch.Tensor) -> Verdict:
+        proxy, eos = list(planned.proxy_ids), self.vocab.eos_ids
+        if self.config.mode is DecodeMode.GREEDY:
+            return verify_greedy(logits, proxy, eos)
+        probs = target_probs(logits, self.config)
+        if planned.proposal_probs is None:
+            return verify_point_mass(probs, proxy, eos, self.generator)
+        return verify_rejection(probs, proxy, planned.proposal_probs, eos, self.generator)
+
+    def decide(self, planned: PlannedRound, feed_logits: torch.Tensor) -> RoundOutcome:
+        """Apply the acceptance rule to the logits of a forward over `planned.feed_ids`, and commit."""
+        verify_logits = feed_logits[-(len(planned.proxy_ids) + 1) :]
+        verdict = self._verdict(planned, verify_logits)
+        accepted = planned.proxy_ids[: verdict.accepted]
+        new_ids = list(accepted) + ([verdict.next_token] if verdict.next_token is not None else [])
+        self.cache.crop(len(self.committed_ids) + len(accepted))
+        self.committed_ids.extend(new_ids)
+        committed_bytes = self.vocab.decode_bytes(new_ids)
+        self.output_bytes += committed_bytes
+        self.finished = (verdict.next_token is None or any(i in self.vocab.eos_ids for i in new_ids)
+                         or self.generated_count >= self.max_new_tokens)
+        return RoundOutcome(
+            accepted_ids=accepted,
+            next_id=verdict.next_token,
+            committed_bytes=committed_bytes,
+            proposed_count=len(planned.proxy_ids),
+            draft_tokens_accepted=_leading_draft_tokens_covered(planned.draft_positions, verdict.accepted),
+            finished=self.finished,
+        )
+
+
+def _leading_draft_tokens_covered(draft_positions: tuple[tuple[int, ...], ...], accepted: int) -> int:
+    """Draft tokens before the first one that DTW ties to a rejected proxy token."""
+    rejected = [i for j, positions in enumerate(draft_positions) if j >= accepted for i in positions]
+    aligned = [i for positions in draft_positions for i in positions]
+    if not aligned:
+        return 0
+    return min(rejected) if rejected else max(aligned) + 1

@@ -1,0 +1,46 @@
+"""Decoding settings both sides agree on: greedy or sampled, and which exact acceptance rule.
+
+One frozen record travels from the CLI through the wire to the verifier; validation lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class DecodeMode(Enum):
+    GREEDY = "greedy"
+    SAMPLE = "sample"
+
+
+class AcceptanceRule(Enum):
+    """How a sampled proposal is accepted (../shared/ALGORITHM.md explains which are exact)."""
+
+    POINT_MASS = "point_mass"  # exact whatever produced the proposal: accept x with probability p(x)
+    DRAFT_PROBS = "draft_probs"  # exact: draft samples over the shared vocabulary, min(1, p/q)
+    DTW_TRANSFER_APPROX = "dtw_transfer_approx"  # NOT exact: DTW-transferred q in min(1, p/q)
+
+
+class DecodingConfigError(ValueError):
+    """A decoding setting out of its valid range."""
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    mode: DecodeMode = DecodeMode.GREEDY
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    rule: AcceptanceRule = AcceptanceRule.POINT_MASS
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise DecodingConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise DecodingConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise DecodingConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.mode is DecodeMode.GREEDY and self.rule is not AcceptanceRule.POINT_MASS:
+            raise DecodingConfigError(f"acceptance rule {self.rule.value} applies to sampling only")

@@ -1,0 +1,188 @@
+"""The `specbridge` command: one entry point, a subcommand per job, each a thin shell over a module.
+
+Imports are lazy so that edge commands never import torch. A user mistake ends with one
+readable line on stderr and exit status 2; only a bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from specbridge.cli_args import add_config_arguments, config_from_arguments
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; shown as one line."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Every exception the core raises for bad input, gathered lazily (importing them costs torch)."""
+    from shared.decoding import DecodingConfigError
+    from shared.vocab import VocabError
+
+    types: list[type[BaseException]] = [UserError, DecodingConfigError, VocabError, FileNotFoundError, NotADirectoryError,
+                                         PermissionError]
+    for module, names in (("specbridge.model_zoo", ("ModelZooError",)), ("specbridge.export", ("ExportError",)),
+                          ("edge_client.draft_runtime", ("DraftModelError",)),
+                          ("cloud_verifier.errors", ("VerifierError",)), ("cloud_verifier.target", ("TargetModelError",)),
+                          ("shared.tokenizer_zoo", ("UnknownTokenizerError", "TokenizerPackageMissingError")),
+                          ("edge_client.client", ("EdgeClientError",))):
+        if module in sys.modules:
+            types.extend(getattr(sys.modules[module], n) for n in names if hasattr(sys.modules[module], n))
+    return tuple(types)
+
+
+def _models_prepare(args: argparse.Namespace) -> None:
+    from specbridge.model_zoo import PAIR_NAMES, prepare_pair
+
+    names = [n for n in PAIR_NAMES if not n.startswith("tiny")] if args.pair == "all" else [args.pair]
+    for name in names:
+        pair = prepare_pair(name, Path(args.out) if args.out else None, int8=args.int8)
+        print(f"{pair.name}: draft ONNX {pair.draft_onnx_dir}  target {pair.target_hf_dir}")
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from specbridge.model_zoo import describe_pairs
+
+    for row in describe_pairs():
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def _export_draft(args: argparse.Namespace) -> None:
+    from specbridge.export import export_draft
+
+    report = export_draft(Path(args.model), Path(args.out), int8=args.int8)
+    print(report)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from specbridge.demo import run_demo
+
+    run_demo(pair_name=args.pair, prompt=args.prompt, max_new_tokens=args.max_new_tokens, draft_len=args.draft_len)
+
+
+def _bench_draft(args: argparse.Namespace) -> None:
+    from specbridge.bench.draft_latency import run_draft_latency
+    from specbridge.model_zoo import prepare_pair
+
+    onnx_dir = Path(args.draft) if args.draft else prepare_pair(args.pair).draft_onnx_dir
+    run_draft_latency(onnx_dir, steps=args.steps, repeats=args.repeats, threads=args.threads,
+                      json_out=Path(args.json) if args.json else None)
+
+
+def _bench_acceptance(args: argparse.Namespace) -> None:
+    from specbridge.bench.acceptance import AcceptanceBenchConfig, run_acceptance_bench
+
+    run_acceptance_bench(config_from_arguments(AcceptanceBenchConfig, args))
+
+
+def _bench_throughput(args: argparse.Namespace) -> None:
+    from specbridge.bench.throughput import ThroughputBenchConfig, run_throughput_bench
+
+    run_throughput_bench(config_from_arguments(ThroughputBenchConfig, args))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from cloud_verifier.server import ServeConfig, serve
+
+    serve(config_from_arguments(ServeConfig, args))
+
+
+def _edge(args: argparse.Namespace) -> None:
+    from edge_client.cli import EdgeConfig, run_edge
+
+    run_edge(config_from_arguments(EdgeConfig, args))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from edge_client.cli import GenerateConfig, run_generate
+
+    run_generate(config_from_arguments(GenerateConfig, args))
+
+
+def _config_command(subparsers: argparse._SubParsersAction, name: str, help_text: str, module: str, config_name: str,
+                    handler: Callable[[argparse.Namespace], None]) -> None:
+    """A subcommand whose flags come from a config dataclass (imported only to build --help)."""
+    import importlib
+
+    parser = subparsers.add_parser(name, help=help_text, description=help_text,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    try:
+        add_config_arguments(parser, getattr(importlib.import_module(module), config_name))
+    except ImportError as error:
+        parser.set_defaults(handler=lambda _args: (_ for _ in ()).throw(UserError(
+            f"'{name}' is not available in this install ({error}); install specbridge with its extras")))
+        return
+    parser.set_defaults(handler=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specbridge", description="Edge-cloud speculative decoding across tokenizers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="prepare and list model pairs").add_subparsers(dest="models_command", required=True)
+    prepare = models.add_parser("prepare", help="install, convert and export a model pair into the cache",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prepare.add_argument("--pair", default="smollm2-gemma3", help="pair name, or 'all' (see `specbridge models list`)")
+    prepare.add_argument("--out", default=None, help="cache directory (default: $SPECBRIDGE_CACHE or ~/.cache/specbridge/models)")
+    prepare.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also write the int8 draft")
+    prepare.set_defaults(handler=_models_prepare)
+    models.add_parser("list", help="the known pairs").set_defaults(handler=_models_list)
+
+    export = commands.add_parser("export-draft", help="export a Hugging Face causal LM to ONNX with a KV cache",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("--model", required=True, help="Hugging Face model directory")
+    export.add_argument("--out", required=True, help="output directory for the ONNX draft")
+    export.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False, help="also write an int8 variant")
+    export.set_defaults(handler=_export_draft)
+
+    demo = commands.add_parser("demo", help="the end-to-end job on the default pair", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--pair", default="smollm2-gemma3")
+    demo.add_argument("--prompt", default="def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--draft-len", type=int, default=6)
+    demo.set_defaults(handler=_demo)
+
+    _config_command(commands, "serve", "run the cloud verifier (gRPC)", "cloud_verifier.server", "ServeConfig", _serve)
+    _config_command(commands, "edge", "draft on this machine, verify on a server", "edge_client.cli", "EdgeConfig", _edge)
+    _config_command(commands, "generate", "target-only generation on a server (baseline)", "edge_client.cli", "GenerateConfig", _generate)
+
+    bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON)").add_subparsers(dest="bench_command", required=True)
+    draft = bench.add_parser("draft", help="edge draft step latency, fp32 and int8", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    draft.add_argument("--pair", default="smollm2-gemma3")
+    draft.add_argument("--draft", default=None, help="ONNX draft directory (default: the pair's)")
+    draft.add_argument("--steps", type=int, default=64)
+    draft.add_argument("--repeats", type=int, default=5)
+    draft.add_argument("--threads", type=int, default=None)
+    draft.add_argument("--json", default=None, help="write results here")
+    draft.set_defaults(handler=_bench_draft)
+    _config_command(bench, "acceptance", "acceptance of the core vs Hugging Face assisted generation",
+                    "specbridge.bench.acceptance", "AcceptanceBenchConfig", _bench_acceptance)
+    _config_command(bench, "throughput", "server throughput: speculative vs target-only, by client count",
+                    "specbridge.bench.throughput", "ThroughputBenchConfig", _bench_throughput)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        print("specbridge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - narrowed just below to the user-error types
+        if not isinstance(error, _user_error_types()):
+            raise
+        print(f"specbridge: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
