@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.specbridge-installed
+# Idle OpenMP workers sleep instead of spinning: on a few cores shared by the verifier, the
+# edge draft and the tests, spinning threads starve everything else.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install proto demo test test-fast models clean
 

@@ -7,6 +7,7 @@ commit, crop the cache). The committed target ids are the truth; the KV cache is
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class PlannedRound:
     feed_ids: tuple[int, ...]  # committed ids not yet in the cache, then the proxy ids
     draft_positions: tuple[tuple[int, ...], ...]  # A(j): draft tokens aligned to each proxy token
     proposal_probs: tuple[dict[int, float], ...] | None  # q_j for the min(1, p/q) rules
+    align_us: float  # CPU time of DTW alignment and the proposal law (TokenTiming reports 663 us)
 
 
 class VerifierSession:
@@ -83,14 +85,17 @@ class VerifierSession:
             proxy.append(self.vocab.tokenizer.eos_token_id)
         # Verifying m tokens can emit m + 1: never propose past the token budget.
         proxy = proxy[: self.max_new_tokens - self.generated_count - 1]
+        align_started = time.perf_counter()
         draft_texts = [t.token_bytes.decode("utf-8", errors="replace") for t in proposal.tokens]
         alignment = dtw_align(draft_texts, [self.vocab.token_text(i) for i in proxy], window=self.align_window)
         positions = draft_positions_per_target(alignment, len(proxy))
+        proposal_probs = self._proposal_probs(proposal, proxy, positions)
         return PlannedRound(
             proxy_ids=tuple(proxy),
             feed_ids=tuple(self.committed_ids[self.cache.length :]) + tuple(proxy),
             draft_positions=positions,
-            proposal_probs=self._proposal_probs(proposal, proxy, positions),
+            proposal_probs=proposal_probs,
+            align_us=(time.perf_counter() - align_started) * 1e6,
         )
 
     def _proposal_probs(self, proposal: DraftProposal, proxy: list[int],

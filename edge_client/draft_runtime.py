@@ -34,6 +34,17 @@ def present_names(num_layers: int) -> list[str]:
     return [f"present.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
 
 
+def external_data_path(model_path: Path) -> Path:
+    """Where the exporter puts a graph's weights: beside it, as NAME.onnx.data."""
+    return model_path.with_name(model_path.name + ".data")
+
+
+def onnx_bytes(model_path: Path) -> int:
+    """Size on disk of a graph plus its external weights, if any."""
+    data_path = external_data_path(model_path)
+    return model_path.stat().st_size + (data_path.stat().st_size if data_path.exists() else 0)
+
+
 class DraftModelError(Exception):
     """An exported draft directory is missing, incomplete or does not match its manifest."""
 
@@ -128,6 +139,9 @@ class DraftRuntime:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Spinning worker threads burn the cores between steps; on an edge device (or beside the
+        # verifier on one CPU) they starve everything else for a few microseconds of latency.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -25,31 +25,37 @@ def _anchor_candidates(vocab: Vocab, committed_ids: Sequence[int]) -> list[list[
     return candidates
 
 
+def _encode_exact(vocab: Vocab, data: bytes) -> list[int] | None:
+    """The tokenizer's own ids for whole-character bytes, or None where they would not give the bytes back.
+
+    A SentencePiece dummy prefix turns text into " text"; encoding without the leading space
+    we already have undoes that.
+    """
+    if incomplete_tail_length(data):
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    for candidate in (text, text[1:]) if text.startswith(" ") else (text,):
+        ids = vocab.encode(candidate)
+        if vocab.decode_bytes(ids) == data:
+            return ids
+    return None
+
+
 def retokenize(vocab: Vocab, committed_ids: Sequence[int], new_bytes: bytes) -> list[int]:
     """Ids x with vocab.decode_bytes(x) == new_bytes, as the tokenizer would split them after the committed ids.
 
-    Falls back to a valid longest-match split when the canonical encoding would merge across
-    the seam (the committed ids cannot change) or the bytes are not yet whole characters.
+    Falls back to encoding the new bytes alone when the canonical encoding would merge across
+    the seam (the committed ids cannot change), and to a longest-match split when the bytes
+    are not whole characters.
     """
     if not new_bytes:
         return []
     for anchor in _anchor_candidates(vocab, committed_ids):
-        anchor_bytes = vocab.decode_bytes(anchor)
-        joined = anchor_bytes + new_bytes
-        if incomplete_tail_length(joined):
-            break
-        try:
-            text = joined.decode("utf-8")
-        except UnicodeDecodeError:
-            break
-        ids = vocab.encode(text)
-        if ids[: len(anchor)] == anchor and vocab.decode_bytes(ids[len(anchor) :]) == new_bytes:
+        ids = _encode_exact(vocab, vocab.decode_bytes(anchor) + new_bytes)
+        if ids is not None and ids[: len(anchor)] == anchor:
             return ids[len(anchor) :]
-    if not committed_ids or committed_ids[-1] in vocab.special_ids:
-        try:
-            ids = vocab.encode(new_bytes.decode("utf-8"))
-        except UnicodeDecodeError:
-            ids = []
-        if ids and vocab.decode_bytes(ids) == new_bytes:
-            return ids
-    return vocab.longest_match_ids(new_bytes)
+    alone = _encode_exact(vocab, new_bytes)
+    return alone if alone is not None else vocab.longest_match_ids(new_bytes)

@@ -28,7 +28,8 @@ class GenerationResult:
     accepted_per_round: tuple[int, ...]  # of those, how many the target accepted
     draft_tokens_per_round: tuple[int, ...]
     target_forwards: int
-    align_us_per_round: float  # retokenize + align + proposal law, CPU microseconds (median)
+    plan_us_per_round: float  # re-tokenize + align + proposal law, CPU microseconds (median)
+    align_us_per_round: float  # align + proposal law alone (median)
     wall_s: float
 
     @property
@@ -54,12 +55,13 @@ def speculative_generate(drafter: Drafter, target: TargetModel, target_vocab: Vo
     session = VerifierSession(target_vocab, prompt_ids, config, max_new_tokens, max_draft_tokens=max(draft_len, 1))
     rng = np.random.default_rng(draft_seed if draft_seed is not None else config.seed)
     drafter.start(prompt)
-    proposed, accepted, drafted, plan_us = [], [], [], []
+    proposed, accepted, drafted, plan_us, align_us = [], [], [], [], []
     while not session.finished:
         proposal = drafter.propose(draft_len, config, rng)
         plan_started = time.perf_counter()
         planned = session.plan(proposal)
         plan_us.append((time.perf_counter() - plan_started) * 1e6)
+        align_us.append(planned.align_us)
         logits = target.forward([(session.cache, planned.feed_ids)])[0]
         outcome = session.decide(planned, logits)
         proposed.append(outcome.proposed_count)
@@ -76,6 +78,7 @@ def speculative_generate(drafter: Drafter, target: TargetModel, target_vocab: Vo
         accepted_per_round=tuple(accepted),
         draft_tokens_per_round=tuple(drafted),
         target_forwards=len(proposed),
-        align_us_per_round=float(np.median(plan_us)) if plan_us else 0.0,
+        plan_us_per_round=float(np.median(plan_us)) if plan_us else 0.0,
+        align_us_per_round=float(np.median(align_us)) if align_us else 0.0,
         wall_s=time.perf_counter() - started,
     )

@@ -100,13 +100,14 @@ def _run_core(pair, loaded, prompts: list[str], decoding: DecodingConfig, config
 
     target, target_vocab, drafter = loaded
     tokens = forwards = 0
-    align_us, wall, matches = [], [], 0
+    align_us, plan_us, wall, matches = [], [], [], 0
     for index, prompt in enumerate(prompts):
         result = speculative_generate(drafter, target, target_vocab, prompt, max_new_tokens=config.max_new_tokens,
                                       draft_len=config.draft_len, config=decoding, draft_seed=config.seed + index)
         tokens += len(result.target_token_ids)
         forwards += result.target_forwards
         align_us.append(result.align_us_per_round)
+        plan_us.append(result.plan_us_per_round)
         wall.append(result.wall_s)
         if decoding.mode is DecodeMode.GREEDY:
             inputs = torch.tensor([list(result.prompt_ids)])
@@ -120,6 +121,7 @@ def _run_core(pair, loaded, prompts: list[str], decoding: DecodingConfig, config
         "mean_accepted_length": tokens / forwards,
         "forwards_per_token": forwards / tokens,
         "align_us_per_round": statistics.median(align_us),
+        "retokenize_and_align_us_per_round": statistics.median(plan_us),
         "identical_to_target_greedy": f"{matches}/{len(prompts)}" if decoding.mode is DecodeMode.GREEDY else None,
         "wall_s_median": statistics.median(wall),
     }

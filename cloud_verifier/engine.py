@@ -1,0 +1,91 @@
+"""The verifier without the network: opens sessions, runs their rounds through the batch scheduler.
+
+The servicer converts messages and calls this; tests and benchmarks can call it directly.
+Speculative rounds and target-only steps are the same session driven through one scheduler
+(a target-only step is a round with an empty proposal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cloud_verifier.errors import ProposalError
+from cloud_verifier.scheduler import BatchScheduler
+from cloud_verifier.session import VerifierSession
+from cloud_verifier.session_registry import SessionRegistry
+from cloud_verifier.target import TargetModel
+from shared.decoding import DecodingConfig
+from shared.proposal import DraftProposal, RoundOutcome
+from shared.vocab import Vocab
+from shared.wire import FinishReason, GeneratedStep, GenerationRequest, ServedRound, SessionRequest
+
+TARGET_STEP = DraftProposal(tokens=())
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch: int = 32
+    max_sessions: int = 256
+    max_draft_tokens: int = 16
+    max_new_tokens_limit: int = 4096
+
+
+class VerifierEngine:
+    def __init__(self, target: TargetModel, vocab: Vocab, target_name: str, limits: EngineLimits) -> None:
+        self.vocab = vocab
+        self.target_name = target_name
+        self.limits = limits
+        self.scheduler = BatchScheduler(target, limits.max_batch)
+        self.sessions = SessionRegistry(limits.max_sessions)
+
+    def _new_session(self, prompt: str, config: DecodingConfig, max_new_tokens: int) -> VerifierSession:
+        if max_new_tokens > self.limits.max_new_tokens_limit:
+            raise ProposalError(f"max_new_tokens {max_new_tokens} exceeds this verifier's limit of {self.limits.max_new_tokens_limit}")
+        prompt_ids = list(self.vocab.tokenizer(prompt)["input_ids"])
+        return VerifierSession(self.vocab, prompt_ids, config, max_new_tokens, self.limits.max_draft_tokens)
+
+    def speculative_session(self, request: SessionRequest) -> VerifierSession:
+        """A session on the prompt, already holding the resumed output ids (prefilled with its first round)."""
+        session = self._new_session(request.prompt, request.config, request.max_new_tokens)
+        _resume(session, request.resume_target_ids)
+        return session
+
+    def generation_session(self, request: GenerationRequest) -> VerifierSession:
+        return self._new_session(request.prompt, request.config, request.max_new_tokens)
+
+    def shared_draft_ids(self, draft_vocab_bytes: Sequence[bytes]) -> tuple[int, ...]:
+        """Draft ids whose bytes are exactly one (non-special) target token."""
+        target_ids = self.vocab.id_by_bytes
+        return tuple(i for i, data in enumerate(draft_vocab_bytes) if data and data in target_ids)
+
+    async def speculate_round(self, session: VerifierSession, proposal: DraftProposal) -> ServedRound:
+        outcome = await self.scheduler.submit(session, session.plan(proposal))
+        return ServedRound(outcome=outcome, accepted_bytes=self.vocab.decode_bytes(outcome.accepted_ids),
+                           finish_reason=self._finish_reason(outcome))
+
+    async def generate_step(self, session: VerifierSession) -> GeneratedStep:
+        outcome = await self.scheduler.submit(session, session.plan(TARGET_STEP))
+        return GeneratedStep(token_ids=outcome.new_ids, token_bytes=outcome.committed_bytes,
+                             finish_reason=self._finish_reason(outcome), prompt_token_count=session.prompt_length)
+
+    def _finish_reason(self, outcome: RoundOutcome) -> FinishReason | None:
+        if not outcome.finished:
+            return None
+        return FinishReason.EOS if any(i in self.vocab.eos_ids for i in outcome.new_ids) else FinishReason.LENGTH
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def _resume(session: VerifierSession, output_ids: tuple[int, ...]) -> None:
+    """Continue a transcript the client owns: its output ids become committed, as if generated here."""
+    if not output_ids:
+        return
+    session.vocab.validate_ids(output_ids)
+    if any(i in session.vocab.eos_ids for i in output_ids):
+        raise ProposalError("resume_target_ids hold an EOS: that transcript has already ended")
+    if len(output_ids) >= session.max_new_tokens:
+        raise ProposalError(f"{len(output_ids)} resumed ids leave nothing of max_new_tokens {session.max_new_tokens} to generate")
+    session.committed_ids.extend(output_ids)
+    session.output_bytes = session.vocab.decode_bytes(output_ids)

@@ -1,0 +1,24 @@
+"""The throughput benchmark runs end to end on a tiny pair and writes the JSON and the plot (no timing asserted)."""
+
+import json
+
+from specbridge.bench.throughput import SPECULATIVE, TARGET_ONLY, ThroughputBenchConfig, run_throughput_bench
+
+ROW_KEYS = {"clients", "tokens_per_s", "itl_ms_p50", "itl_ms_p90", "forwards_per_token", "rows_per_forward"}
+
+
+def test_throughput_bench_smoke(tiny_pair, tmp_path, monkeypatch) -> None:
+    pair = tiny_pair("tiny-gpt2-mistral")
+    monkeypatch.setenv("SPECBRIDGE_CACHE", str(pair.target_hf_dir.parent.parent))  # where prepare_pair finds it
+    config = ThroughputBenchConfig(pair="tiny-gpt2-mistral", clients=(1, 2), prompts=3, max_new_tokens=6, draft_len=3,
+                                   json=str(tmp_path / "throughput.json"), plot=str(tmp_path / "throughput.png"))
+    run_throughput_bench(config)
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(report["results"]) == {SPECULATIVE, TARGET_ONLY}
+    for mode in (SPECULATIVE, TARGET_ONLY):
+        assert set(report["results"][mode]) == {"1", "2"}
+        for count, row in report["results"][mode].items():
+            assert ROW_KEYS <= row.keys() and row["clients"] == int(count)
+            assert row["tokens_per_s"] > 0 and row["forwards_per_token"] > 0
+    assert "share" in report["note"]
+    assert (tmp_path / "throughput.png").stat().st_size > 0
