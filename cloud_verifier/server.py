@@ -91,15 +91,18 @@ async def start_server(config: ServeConfig) -> RunningVerifier:
     engine = await asyncio.to_thread(load_engine, config)
     server = grpc.aio.server(interceptors=[ErrorStatusInterceptor()],
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                      # A port already in use must fail, not be shared with another verifier.
+                                      ("grpc.so_reuseport", 0)])
     specbridge_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((VERIFIER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError:
         engine.close()
-        raise ServeConfigError(f"cannot listen on {config.host}:{config.port}")
+        raise ServeConfigError(f"cannot listen on {config.host}:{config.port} (in use, or not an address of this machine)") from None
     await server.start()
     for service in ("", VERIFIER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -26,6 +26,7 @@ def target_probs(logits: torch.Tensor, config: DecodingConfig) -> torch.Tensor:
 
     Same warpers, same order and same float32 as `generate(do_sample=True)` in transformers 5.x
     (`_get_logits_processor`: temperature, then top-k, then top-p, each only when not neutral).
+    A baseline must pass top_k=0 explicitly: generate() fills an unset top_k with 50.
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}")
@@ -57,18 +58,10 @@ def verify_point_mass(probs: torch.Tensor, proposal: Sequence[int], eos_ids: fro
     """Exact for any proposal made without these random numbers: keep x_j with probability p_j(x_j).
 
     A rejected x_j is replaced by a draw from p_j without x_j: P(y) = (1 - p(x)) p(y) / (1 - p(x)) = p(y).
+    That is rejection sampling against a point mass q_j = 1 at x_j: min(1, p/q) = p(x_j), and
+    max(0, p - q) is p with x_j removed.
     """
-    _check_shapes(probs, proposal)
-    uniforms = _uniforms(len(proposal), generator)
-    for position, token in enumerate(proposal):
-        if not uniforms[position] < float(probs[position, token]):
-            row = _row(probs, position, generator)
-            residual = row.clone()
-            residual[token] = 0.0
-            return Verdict(accepted=position, next_token=_sample(residual if residual.sum() > 0 else row, generator))
-        if token in eos_ids:
-            return Verdict(accepted=position + 1, next_token=None)
-    return Verdict(accepted=len(proposal), next_token=_sample(_row(probs, len(proposal), generator), generator))
+    return verify_rejection(probs, proposal, [{token: 1.0} for token in proposal], eos_ids, generator)
 
 
 def verify_rejection(probs: torch.Tensor, proposal: Sequence[int], proposal_probs: Sequence[Mapping[int, float]],
@@ -90,7 +83,7 @@ def verify_rejection(probs: torch.Tensor, proposal: Sequence[int], proposal_prob
         # u < min(1, p/q) without a division: u < 1 always, so p >= q accepts.
         if not uniforms[position] * proposed < float(probs[position, token]):
             row = _row(probs, position, generator)
-            residual = (row.double() - _dense(law, row)).clamp_min_(0.0)
+            residual = _residual(row, law)
             return Verdict(accepted=position, next_token=_sample(residual if residual.sum() > 0 else row, generator))
         if token in eos_ids:
             return Verdict(accepted=position + 1, next_token=None)
@@ -116,11 +109,12 @@ def _uniforms(count: int, generator: torch.Generator) -> list[float]:
     return torch.rand(count, generator=generator, dtype=torch.float64, device=generator.device).tolist()
 
 
-def _dense(law: Mapping[int, float], like: torch.Tensor) -> torch.Tensor:
-    dense = torch.zeros(like.shape[0], dtype=torch.float64, device=like.device)
-    if law:
-        dense[torch.tensor(list(law.keys()), device=like.device)] = torch.tensor(list(law.values()), dtype=torch.float64, device=like.device)
-    return dense
+def _residual(row: torch.Tensor, law: Mapping[int, float]) -> torch.Tensor:
+    """max(0, p - q) for a sparse q, in p's dtype."""
+    residual = row.clone()
+    ids = torch.tensor(list(law), device=row.device)
+    residual.index_add_(0, ids, torch.tensor(list(law.values()), dtype=row.dtype, device=row.device), alpha=-1.0)
+    return residual.clamp_min_(0.0)
 
 
 def _sample(weights: torch.Tensor, generator: torch.Generator) -> int:

@@ -121,6 +121,12 @@ def _check_probability(probability: float) -> float:
     return probability
 
 
+def _check_vocab_bytes(vocab_bytes: tuple[bytes, ...] | None, info: DraftTokenizerInfo) -> tuple[bytes, ...] | None:
+    if vocab_bytes is not None and len(vocab_bytes) != info.vocab_size:
+        raise WireFormatError(f"{len(vocab_bytes)} draft vocabulary entries for a vocab_size of {info.vocab_size}")
+    return vocab_bytes
+
+
 def _finish_reason_to_wire(reason: FinishReason | None, finished: bool) -> int:
     if (reason is not None) != finished:
         raise WireFormatError(f"finish reason {reason} contradicts finished={finished}")
@@ -176,8 +182,6 @@ def decode_proposal(draft: pb.Draft) -> DraftProposal:
 
 def encode_session_request(request: SessionRequest) -> pb.OpenSession:
     info = request.draft_tokenizer
-    if request.draft_vocab_bytes is not None and len(request.draft_vocab_bytes) != info.vocab_size:
-        raise WireFormatError(f"{len(request.draft_vocab_bytes)} draft vocabulary entries for a vocab_size of {info.vocab_size}")
     return pb.OpenSession(
         prompt=request.prompt,
         decoding=encode_decoding(request.config),
@@ -185,23 +189,20 @@ def encode_session_request(request: SessionRequest) -> pb.OpenSession:
         draft_tokenizer=pb.DraftTokenizer(name=info.name, family=info.family,
                                           vocab_size=_check_range("vocab_size", info.vocab_size, UINT32_MAX)),
         resume_target_ids=_check_ids("resume_target_ids", request.resume_target_ids),
-        draft_vocab_bytes=request.draft_vocab_bytes or (),
+        draft_vocab_bytes=_check_vocab_bytes(request.draft_vocab_bytes, info) or (),
     )
 
 
 def decode_session_request(message: pb.OpenSession) -> SessionRequest:
     info = DraftTokenizerInfo(name=message.draft_tokenizer.name, family=message.draft_tokenizer.family,
                               vocab_size=message.draft_tokenizer.vocab_size)
-    vocab_bytes = tuple(message.draft_vocab_bytes) or None
-    if vocab_bytes is not None and len(vocab_bytes) != info.vocab_size:
-        raise WireFormatError(f"{len(vocab_bytes)} draft vocabulary entries for a vocab_size of {info.vocab_size}")
     return SessionRequest(
         prompt=message.prompt,
         config=decode_decoding(message.decoding),
         max_new_tokens=message.max_new_tokens,
         draft_tokenizer=info,
         resume_target_ids=tuple(message.resume_target_ids),
-        draft_vocab_bytes=vocab_bytes,
+        draft_vocab_bytes=_check_vocab_bytes(tuple(message.draft_vocab_bytes) or None, info),
     )
 
 

@@ -28,7 +28,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, DecodingConfigError, VocabError, FileNotFoundError, NotADirectoryError,
                                          PermissionError]
     for module, names in (("specbridge.model_zoo", ("ModelZooError",)), ("specbridge.export", ("ExportError",)),
-                          ("edge_client.draft_runtime", ("DraftModelError",)),
+                          ("edge_client.draft_runtime", ("DraftModelError", "ContextOverflowError")),
                           ("cloud_verifier.errors", ("VerifierError",)), ("cloud_verifier.target", ("TargetModelError",)),
                           ("shared.tokenizer_zoo", ("UnknownTokenizerError", "TokenizerPackageMissingError")),
                           ("edge_client.client", ("EdgeClientError",))):

@@ -8,15 +8,17 @@ speculating with, before the full edge-cloud loop is benchmarked by `specbridge.
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from shared.utf8 import incomplete_tail_length
 from shared.vocab import Vocab
@@ -27,26 +29,16 @@ _LATENCY_PROMPT = "def fibonacci(n):\n    "
 
 def measure_pair(pair: PreparedPair, prompts: Sequence[str], *, draft_len: int = 8, max_new_tokens: int = 48,
                  probe_stride: int = 4, latency_steps: int = 32) -> dict:
-    """A JSON-ready report; agreement probes every `probe_stride` target tokens of each continuation."""
-    draft_vocab, target_vocab = Vocab.from_pretrained(pair.draft_hf_dir), Vocab.from_pretrained(pair.target_hf_dir)
-    draft, draft_report = _load_torch(pair.draft_hf_dir)
-    target, target_report = _load_torch(pair.target_hf_dir)
-    draft_report["torch_ms_per_token"] = _torch_ms_per_token(draft, draft_vocab, latency_steps)
-    target_report["torch_ms_per_token"] = _torch_ms_per_token(target, target_vocab, latency_steps)
-    draft_report["onnx"] = _onnx_reports(pair.draft_onnx_dir, draft_vocab, latency_steps)
+    """A JSON-ready report; agreement probes every `probe_stride` target tokens of each continuation.
 
-    covered: list[int] = []
-    for prompt in prompts:
-        continuation = _greedy(target, target_vocab.tokenizer(prompt)["input_ids"], max_new_tokens, target_vocab)
-        target_bytes = [target_vocab.token_bytes[token_id] for token_id in continuation]
-        # Probe only where the target has enough text left that the draft is never capped by its end.
-        for start in range(0, len(continuation) - 2 * draft_len + 1, probe_stride):
-            context = prompt.encode() + b"".join(target_bytes[:start])
-            if incomplete_tail_length(context):
-                continue
-            draft_ids = draft_vocab.tokenizer(context.decode())["input_ids"]
-            drafted = draft_vocab.decode_bytes(_greedy(draft, draft_ids, draft_len, draft_vocab))
-            covered.append(covered_target_tokens(drafted, target_bytes[start:]))
+    Each model's load time, memory and latency come from a fresh process of its own, so that one
+    model's freed pages and warm caches never flatter the next.
+    """
+    draft_report = _in_fresh_process(_torch_cost, pair.draft_hf_dir, latency_steps)
+    target_report = _in_fresh_process(_torch_cost, pair.target_hf_dir, latency_steps)
+    draft_report["onnx"] = _onnx_costs(pair.draft_onnx_dir, latency_steps)
+
+    covered = _agreement(pair, prompts, draft_len=draft_len, max_new_tokens=max_new_tokens, probe_stride=probe_stride)
     return {
         "pair": pair.name,
         "draft": draft_report,
@@ -62,6 +54,27 @@ def measure_pair(pair: PreparedPair, prompts: Sequence[str], *, draft_len: int =
     }
 
 
+def _agreement(pair: PreparedPair, prompts: Sequence[str], *, draft_len: int, max_new_tokens: int,
+               probe_stride: int) -> list[int]:
+    """Covered target tokens per probe: the draft continues the target's own greedy text so far."""
+    draft_vocab, target_vocab = Vocab.from_pretrained(pair.draft_hf_dir), Vocab.from_pretrained(pair.target_hf_dir)
+    draft = AutoModelForCausalLM.from_pretrained(pair.draft_hf_dir, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(pair.target_hf_dir, dtype=torch.float32).eval()
+    covered = []
+    for prompt in prompts:
+        continuation = _greedy(target, target_vocab.tokenizer(prompt)["input_ids"], max_new_tokens, target_vocab)
+        target_bytes = [target_vocab.token_bytes[token_id] for token_id in continuation]
+        # Probe only where the target has enough text left that the draft is never capped by its end.
+        for start in range(0, len(continuation) - 2 * draft_len + 1, probe_stride):
+            context = prompt.encode() + b"".join(target_bytes[:start])
+            if incomplete_tail_length(context):
+                continue
+            draft_ids = draft_vocab.tokenizer(context.decode())["input_ids"]
+            drafted = draft_vocab.decode_bytes(_greedy(draft, draft_ids, draft_len, draft_vocab))
+            covered.append(covered_target_tokens(drafted, target_bytes[start:]))
+    return covered
+
+
 def covered_target_tokens(draft_bytes: bytes, target_token_bytes: Sequence[bytes]) -> int:
     """Whole target tokens inside the longest common byte prefix of the draft text and the target's text."""
     common = len(os.path.commonprefix([draft_bytes, b"".join(target_token_bytes)]))
@@ -72,21 +85,6 @@ def covered_target_tokens(draft_bytes: bytes, target_token_bytes: Sequence[bytes
             break
         covered += 1
     return covered
-
-
-def _load_torch(hf_dir: Path) -> tuple[PreTrainedModel, dict]:
-    rss_before = _rss_bytes()
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    load_s = time.perf_counter() - started
-    return model, {
-        "dir": str(hf_dir),
-        "architecture": type(model).__name__,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "disk_mb": _dir_bytes(hf_dir) / 2**20,
-        "torch_load_s": load_s,
-        "torch_rss_delta_mb": (_rss_bytes() - rss_before) / 2**20,
-    }
 
 
 @torch.inference_mode()
@@ -100,47 +98,74 @@ def _greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, 
     return continuation[: ends[0]] if ends else continuation
 
 
+def _in_fresh_process(function: Callable[..., dict], *args: object) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
 @torch.inference_mode()
-def _torch_ms_per_token(model: PreTrainedModel, vocab: Vocab, steps: int) -> float:
-    """Median wall time of one greedy decode step with a KV cache, after a prefill."""
-    out = model(input_ids=torch.tensor([vocab.tokenizer(_LATENCY_PROMPT)["input_ids"]]), use_cache=True)
+def _torch_cost(hf_dir: Path, steps: int) -> dict:
+    """Load time, resident memory once the weights are touched, and the median greedy decode step."""
+    rss_before = _rss_bytes()
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - started
+    prompt_ids = AutoTokenizer.from_pretrained(hf_dir)(_LATENCY_PROMPT)["input_ids"]
+    started = time.perf_counter()
+    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    first_forward_s = time.perf_counter() - started
+    rss_mb = (_rss_bytes() - rss_before) / 2**20  # after one forward: safetensors weights are mapped lazily
     step_s = []
     for _ in range(steps):
         next_id = out.logits[:, -1:].argmax(-1)
         started = time.perf_counter()
         out = model(input_ids=next_id, cache=out.cache, use_cache=True)
         step_s.append(time.perf_counter() - started)
-    return 1000 * statistics.median(step_s)
+    return {
+        "dir": str(hf_dir),
+        "architecture": type(model).__name__,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "disk_mb": _dir_bytes(hf_dir) / 2**20,
+        "torch_threads": torch.get_num_threads(),
+        "torch_load_s": load_s,
+        "torch_first_forward_s": first_forward_s,  # includes paging in the lazily mapped weights
+        "torch_rss_mb": rss_mb,
+        "torch_ms_per_token": 1000 * statistics.median(step_s),
+    }
 
 
-def _onnx_reports(onnx_dir: Path, vocab: Vocab, steps: int) -> dict:
-    """Load time, memory and decode latency of each exported variant, through the edge's own runtime."""
+def _onnx_costs(onnx_dir: Path, steps: int) -> dict:
+    """Each exported variant through the edge's own runtime, if this install has it."""
     try:
-        from edge_client.draft_runtime import DraftManifest, DraftRuntime, Variant, onnx_bytes
+        from edge_client.draft_runtime import DraftManifest, Variant
     except ImportError as error:
         return {"unavailable": str(error)}
-    manifest = DraftManifest.read(onnx_dir)
-    reports = {}
-    for variant in [Variant.FP32] + ([Variant.INT8] if manifest.int8_file else []):
-        gc.collect()
-        rss_before = _rss_bytes()
+    variants = [Variant.FP32] + ([Variant.INT8] if DraftManifest.read(onnx_dir).int8_file else [])
+    return {variant.value: _in_fresh_process(_onnx_cost, onnx_dir, variant.value, steps) for variant in variants}
+
+
+def _onnx_cost(onnx_dir: Path, variant_name: str, steps: int) -> dict:
+    from edge_client.draft_runtime import DraftManifest, DraftRuntime, Variant, onnx_bytes
+
+    variant = Variant(variant_name)
+
+    rss_before = _rss_bytes()
+    started = time.perf_counter()
+    runtime = DraftRuntime.load(onnx_dir, variant=variant)
+    load_s = time.perf_counter() - started
+    logits = runtime.feed(AutoTokenizer.from_pretrained(onnx_dir)(_LATENCY_PROMPT)["input_ids"])
+    rss_mb = (_rss_bytes() - rss_before) / 2**20
+    step_s = []
+    for _ in range(steps):
         started = time.perf_counter()
-        runtime = DraftRuntime.load(onnx_dir, variant=variant)
-        load_s = time.perf_counter() - started
-        logits = runtime.feed(vocab.tokenizer(_LATENCY_PROMPT)["input_ids"])
-        step_s = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            logits = runtime.feed([int(logits[-1].argmax())])
-            step_s.append(time.perf_counter() - started)
-        reports[variant.value] = {
-            "disk_mb": onnx_bytes(manifest.model_path(onnx_dir, variant)) / 2**20,
-            "load_s": load_s,
-            "rss_delta_mb": (_rss_bytes() - rss_before) / 2**20,
-            "ms_per_token": 1000 * statistics.median(step_s),
-        }
-        del runtime
-    return reports
+        logits = runtime.feed([int(logits[-1].argmax())])
+        step_s.append(time.perf_counter() - started)
+    return {
+        "disk_mb": onnx_bytes(DraftManifest.read(onnx_dir).model_path(onnx_dir, variant)) / 2**20,
+        "load_s": load_s,
+        "rss_mb": rss_mb,
+        "ms_per_token": 1000 * statistics.median(step_s),
+    }
 
 
 def _rss_bytes() -> int:

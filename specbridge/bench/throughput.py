@@ -110,6 +110,8 @@ async def _measure(address: str, mode: str, drafts: list[EdgeDraft], prompts: li
     }
     if mode == SPECULATIVE:
         row["mean_accepted_length"] = tokens / sum(result.rounds for result in results)
+        row["draft_ms_p50"] = float(np.median([ms for result in results for ms in result.draft_ms_per_round]))
+        row["round_trip_ms_p50"] = float(np.median([ms for result in results for ms in result.round_trip_ms]))
     return row
 
 
@@ -152,7 +154,8 @@ def run_throughput_bench(config: ThroughputBenchConfig) -> dict:
 def _print_table(report: dict) -> None:
     results = report["results"]
     header = (f"{'clients':>7} {'spec tok/s':>10} {'target tok/s':>12} {'ratio':>6} {'spec ITL p50/p90 ms':>20} "
-              f"{'target ITL p50/p90 ms':>22} {'fwd/tok spec':>12} {'fwd/tok tgt':>11} {'rows/fwd spec':>13} {'rows/fwd tgt':>12}")
+              f"{'target ITL p50/p90 ms':>22} {'fwd/tok spec':>12} {'fwd/tok tgt':>11} {'rows/fwd spec':>13} {'rows/fwd tgt':>12} "
+              f"{'spec draft/verify ms':>20}")
     print(f"{report['pair']}: {report['note']}")
     print(header)
     print("-" * len(header))
@@ -161,7 +164,8 @@ def _print_table(report: dict) -> None:
         print(f"{count:>7} {spec['tokens_per_s']:>10.1f} {target['tokens_per_s']:>12.1f} "
               f"{spec['tokens_per_s'] / target['tokens_per_s']:>5.2f}x "
               f"{_pair_ms(spec):>20} {_pair_ms(target):>22} {spec['forwards_per_token']:>12.3f} "
-              f"{target['forwards_per_token']:>11.3f} {spec['rows_per_forward']:>13.2f} {target['rows_per_forward']:>12.2f}")
+              f"{target['forwards_per_token']:>11.3f} {spec['rows_per_forward']:>13.2f} {target['rows_per_forward']:>12.2f} "
+              f"{spec['draft_ms_p50']:>10.1f}/{spec['round_trip_ms_p50']:<9.1f}")
 
 
 def _pair_ms(row: dict) -> str:
@@ -184,6 +188,7 @@ def plot_throughput(report: dict, path: Path) -> None:
     latency_axis.set(xlabel="concurrent clients", ylabel="inter-token latency p50 (ms)", title="per-client latency")
     for axis in (throughput_axis, latency_axis):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(counts, labels=[str(count) for count in counts])
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(f"{report['pair']} on {report['cpu_cores']} CPU cores (edge clients share them)")

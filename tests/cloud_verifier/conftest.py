@@ -32,6 +32,7 @@ class ServedPair:
     name: str
     address: str
     draft_onnx_dir: Path
+    target_hf_dir: Path
     target: TargetModel  # the same weights in this process, for reference generate()
     vocab: Vocab
     _references: dict[tuple[str, int], list[int]] = field(default_factory=dict)
@@ -63,7 +64,7 @@ def served_pair(request: pytest.FixtureRequest, tiny_pair) -> Iterator[ServedPai
     config = ServeConfig(target=str(pair.target_hf_dir), port=0, dtype="float64", max_sessions=MAX_SESSIONS)
     verifier = VerifierProcess(config)
     with verifier:
-        yield ServedPair(request.param, verifier.address, Path(pair.draft_onnx_dir), target, vocab)
+        yield ServedPair(request.param, verifier.address, Path(pair.draft_onnx_dir), Path(pair.target_hf_dir), target, vocab)
     assert verifier.stop() == 0, "the verifier did not shut down cleanly on SIGTERM"
 
 

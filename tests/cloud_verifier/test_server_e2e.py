@@ -300,3 +300,11 @@ def test_in_process_server_picks_a_free_port_and_stops(tiny_pair) -> None:
 
     port, status = run(scenario())
     assert port > 0 and status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_serve_on_a_port_in_use_fails_in_one_line(served_pair: ServedPair) -> None:
+    port = served_pair.address.rpartition(":")[2]
+    completed = _specbridge("serve", "--target", str(served_pair.target_hf_dir), "--port", port)
+    assert completed.returncode == 2
+    message = completed.stderr.strip().splitlines()[-1]
+    assert message == f"specbridge: error: cannot listen on 127.0.0.1:{port} (in use, or not an address of this machine)"

@@ -2,7 +2,9 @@
 
 import json
 
-from specbridge.bench.throughput import SPECULATIVE, TARGET_ONLY, ThroughputBenchConfig, run_throughput_bench
+from edge_client.client import ClientResult
+from shared.wire import FinishReason
+from specbridge.bench.throughput import SPECULATIVE, TARGET_ONLY, ThroughputBenchConfig, inter_token_ms, run_throughput_bench
 
 ROW_KEYS = {"clients", "tokens_per_s", "itl_ms_p50", "itl_ms_p90", "forwards_per_token", "rows_per_forward"}
 
@@ -22,3 +24,9 @@ def test_throughput_bench_smoke(tiny_pair, tmp_path, monkeypatch) -> None:
             assert row["tokens_per_s"] > 0 and row["forwards_per_token"] > 0
     assert "share" in report["note"]
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_inter_token_latency_spreads_each_gap_over_its_tokens() -> None:
+    result = ClientResult(output_bytes=b"", target_token_ids=(1,) * 6, prompt_token_count=1, finish_reason=FinishReason.LENGTH,
+                          wall_ms=40.0, arrival_ms=(10.0, 16.0, 40.0), committed_per_response=(1, 2, 3))
+    assert inter_token_ms(result) == [3.0, 3.0, 8.0, 8.0, 8.0]  # the first response is time to first token

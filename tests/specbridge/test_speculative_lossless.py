@@ -1,7 +1,10 @@
 """Greedy losslessness of the in-process loop: the ids equal the target's own generate(do_sample=False).
 
 Random-weight tiny pairs on real tokenizers of different families (and a same-tokenizer
-control), many prompts, several draft lengths; the real pair in a slow test.
+control), many prompts, several draft lengths; the real pair in a slow test. Tiny targets run
+in float64: random weights put exact fp32 ties between top logits (seen: two logits equal to 7
+digits), and a multi-token verification forward may break such a tie differently from
+generate()'s one-token steps. That is arithmetic, not the algorithm; the real pair runs in fp32.
 """
 
 import pytest
@@ -12,7 +15,7 @@ from specbridge.loading import load_drafter, load_target
 from specbridge.speculative import speculative_generate
 from tests.lossless_prompts import LOSSLESS_PROMPTS
 
-MAX_NEW_TOKENS = 20
+MAX_NEW_TOKENS = 16
 CROSS_FAMILY_PAIRS = ["tiny-gpt2-mistral", "tiny-deepseek-gpt2", "tiny-mistral-gemma3arch"]
 
 
@@ -27,14 +30,15 @@ def target_greedy(target, prompt_ids: tuple[int, ...], max_new_tokens: int) -> l
 @pytest.fixture(scope="module", params=CROSS_FAMILY_PAIRS + ["tiny-same-gpt2"])
 def loaded_pair(request, tiny_pair):
     pair = tiny_pair(request.param)
-    target, target_vocab = load_target(pair.target_hf_dir)
+    target, target_vocab = load_target(pair.target_hf_dir, dtype=torch.float64)
     return request.param, target, target_vocab, load_drafter(pair.draft_onnx_dir, target_vocab=target_vocab)
 
 
 @pytest.mark.parametrize("draft_len", [1, 4, 8])
 def test_greedy_equals_target_generate(loaded_pair, draft_len: int) -> None:
     name, target, target_vocab, drafter = loaded_pair
-    prompts = LOSSLESS_PROMPTS if draft_len == 4 else LOSSLESS_PROMPTS[::4]
+    every_prompt = draft_len == 4 and name != "tiny-same-gpt2"
+    prompts = LOSSLESS_PROMPTS if every_prompt else LOSSLESS_PROMPTS[::5]
     mismatches = []
     for prompt in prompts:
         result = speculative_generate(drafter, target, target_vocab, prompt, max_new_tokens=MAX_NEW_TOKENS,
@@ -48,11 +52,11 @@ def test_greedy_equals_target_generate(loaded_pair, draft_len: int) -> None:
 
 def test_same_tokenizer_control_accepts_whole_drafts(tiny_pair) -> None:
     pair = tiny_pair("tiny-same-gpt2")
-    target, target_vocab = load_target(pair.target_hf_dir)
+    target, target_vocab = load_target(pair.target_hf_dir, dtype=torch.float64)
     drafter = load_drafter(pair.draft_onnx_dir, target_vocab=target_vocab)
     result = speculative_generate(drafter, target, target_vocab, LOSSLESS_PROMPTS[0], max_new_tokens=24, draft_len=4,
                                   config=DecodingConfig())
-    # Draft = target weights (ONNX vs torch, both fp32): nearly every draft is accepted whole.
+    # Draft = target weights (fp32 ONNX vs fp64 torch): nearly every draft is accepted whole.
     assert result.mean_accepted_length > 3.0
 
 
