@@ -15,6 +15,7 @@ from cloud_verifier.scheduler import BatchScheduler
 from cloud_verifier.session import VerifierSession
 from cloud_verifier.session_registry import SessionRegistry
 from cloud_verifier.target import TargetModel
+from cloud_verifier.transfer import shared_vocabulary_map
 from shared.decoding import DecodingConfig
 from shared.proposal import DraftProposal, RoundOutcome
 from shared.vocab import Vocab
@@ -39,25 +40,24 @@ class VerifierEngine:
         self.scheduler = BatchScheduler(target, limits.max_batch)
         self.sessions = SessionRegistry(limits.max_sessions)
 
-    def _new_session(self, prompt: str, config: DecodingConfig, max_new_tokens: int) -> VerifierSession:
+    def _new_session(self, prompt: str, config: DecodingConfig, max_new_tokens: int,
+                     resume_ids: Sequence[int] = ()) -> VerifierSession:
         if max_new_tokens > self.limits.max_new_tokens_limit:
             raise ProposalError(f"max_new_tokens {max_new_tokens} exceeds this verifier's limit of {self.limits.max_new_tokens_limit}")
         prompt_ids = list(self.vocab.tokenizer(prompt)["input_ids"])
-        return VerifierSession(self.vocab, prompt_ids, config, max_new_tokens, self.limits.max_draft_tokens)
+        return VerifierSession(self.vocab, prompt_ids, config, max_new_tokens, self.limits.max_draft_tokens,
+                               resume_ids=resume_ids)
 
     def speculative_session(self, request: SessionRequest) -> VerifierSession:
         """A session on the prompt, already holding the resumed output ids (prefilled with its first round)."""
-        session = self._new_session(request.prompt, request.config, request.max_new_tokens)
-        _resume(session, request.resume_target_ids)
-        return session
+        return self._new_session(request.prompt, request.config, request.max_new_tokens, request.resume_target_ids)
 
     def generation_session(self, request: GenerationRequest) -> VerifierSession:
         return self._new_session(request.prompt, request.config, request.max_new_tokens)
 
     def shared_draft_ids(self, draft_vocab_bytes: Sequence[bytes]) -> tuple[int, ...]:
         """Draft ids whose bytes are exactly one (non-special) target token."""
-        target_ids = self.vocab.id_by_bytes
-        return tuple(i for i, data in enumerate(draft_vocab_bytes) if data and data in target_ids)
+        return tuple(shared_vocabulary_map(draft_vocab_bytes, self.vocab.id_by_bytes))
 
     async def speculate_round(self, session: VerifierSession, proposal: DraftProposal) -> ServedRound:
         outcome = await self.scheduler.submit(session, session.plan(proposal))
@@ -76,16 +76,3 @@ class VerifierEngine:
 
     def close(self) -> None:
         self.scheduler.close()
-
-
-def _resume(session: VerifierSession, output_ids: tuple[int, ...]) -> None:
-    """Continue a transcript the client owns: its output ids become committed, as if generated here."""
-    if not output_ids:
-        return
-    session.vocab.validate_ids(output_ids)
-    if any(i in session.vocab.eos_ids for i in output_ids):
-        raise ProposalError("resume_target_ids hold an EOS: that transcript has already ended")
-    if len(output_ids) >= session.max_new_tokens:
-        raise ProposalError(f"{len(output_ids)} resumed ids leave nothing of max_new_tokens {session.max_new_tokens} to generate")
-    session.committed_ids.extend(output_ids)
-    session.output_bytes = session.vocab.decode_bytes(output_ids)

@@ -8,6 +8,7 @@ commit, crop the cache). The committed target ids are the truth; the KV cache is
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,20 +36,26 @@ class PlannedRound:
 
 class VerifierSession:
     def __init__(self, vocab: Vocab, prompt_ids: list[int], config: DecodingConfig, max_new_tokens: int,
-                 max_draft_tokens: int, align_window: int | None = 32) -> None:
+                 max_draft_tokens: int, align_window: int | None = 32, resume_ids: Sequence[int] = ()) -> None:
+        """`resume_ids`: output ids the client already holds (it owns the transcript); they count as generated."""
         if not prompt_ids:
             raise ProposalError("the prompt tokenizes to no target tokens")
         if max_new_tokens < 1:
             raise ProposalError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         vocab.validate_ids(prompt_ids)
+        vocab.validate_ids(resume_ids)
+        if any(i in vocab.eos_ids for i in resume_ids):
+            raise ProposalError("resume_target_ids hold an EOS: that transcript has already ended")
+        if len(resume_ids) >= max_new_tokens:
+            raise ProposalError(f"{len(resume_ids)} resumed ids leave nothing of max_new_tokens {max_new_tokens} to generate")
         self.vocab = vocab
         self.config = config
         self.max_new_tokens = max_new_tokens
         self.max_draft_tokens = max_draft_tokens
         self.align_window = align_window
-        self.committed_ids = list(prompt_ids)
+        self.committed_ids = list(prompt_ids) + list(resume_ids)
         self.prompt_length = len(prompt_ids)
-        self.output_bytes = b""
+        self.output_bytes = vocab.decode_bytes(resume_ids)
         self.cache = RowCache()
         self.finished = False
         self.generator = torch.Generator()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cloud_verifier.target import TargetModel
+from cloud_verifier.transfer import shared_vocabulary_map
 from edge_client.draft_runtime import DraftRuntime
 from edge_client.drafter import Drafter
 from shared.vocab import Vocab
@@ -24,8 +25,5 @@ def load_drafter(onnx_dir: str | Path, *, variant: str = "fp32", threads: int | 
     """The edge drafter; given the target's vocabulary it also knows the shared ids for the draft_probs rule."""
     runtime = DraftRuntime.load(Path(onnx_dir), variant=variant, threads=threads)
     vocab = Vocab.from_pretrained(onnx_dir)
-    shared_ids = None
-    if target_vocab is not None:
-        target_bytes = target_vocab.id_by_bytes
-        shared_ids = [i for i, data in enumerate(vocab.token_bytes) if data and data in target_bytes and i not in vocab.special_ids]
+    shared_ids = None if target_vocab is None else list(shared_vocabulary_map(vocab.token_bytes, target_vocab.id_by_bytes))
     return Drafter(runtime, vocab, shared_ids=shared_ids)

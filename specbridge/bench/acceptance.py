@@ -21,6 +21,10 @@ from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 MODES = ("greedy", "sample", "all")
 
 
+class AcceptanceBenchConfigError(ValueError):
+    """A benchmark setting out of its valid range."""
+
+
 @dataclass(frozen=True)
 class AcceptanceBenchConfig:
     pair: str = field(default="smollm2-gemma3", metadata={"help": "pair name, or 'all' for both real pairs"})
@@ -35,9 +39,9 @@ class AcceptanceBenchConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise AcceptanceBenchConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.prompts < 1 or self.draft_len < 1 or self.max_new_tokens < 1:
-            raise ValueError("--prompts, --draft-len and --max-new-tokens must be >= 1")
+            raise AcceptanceBenchConfigError("--prompts, --draft-len and --max-new-tokens must be >= 1")
 
 
 def _variants(config: AcceptanceBenchConfig) -> list[tuple[str, DecodingConfig]]:

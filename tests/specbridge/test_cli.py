@@ -1,0 +1,55 @@
+"""The CLI shell: every subcommand has --help with defaults; user mistakes end in one line, exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from specbridge.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "specbridge.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", [["models", "prepare"], ["models", "measure"], ["export-draft"], ["demo"], ["serve"],
+                                     ["edge"], ["generate"], ["bench", "draft"], ["bench", "acceptance"],
+                                     ["bench", "throughput"]])
+def test_every_subcommand_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: specbridge" in out
+    if command not in (["export-draft"],):
+        assert "default" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["export-draft", "--model", "/no/such/dir", "--out", "/tmp/x"], "model directory not found"),
+    (["edge", "--server", "nohost", "--draft", "/no/such", "--prompt", "hi"], "--server must be HOST:PORT"),
+    (["generate", "--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
+    (["serve", "--target", "/no/such/model", "--port", "70000"], "--port must lie in"),
+    (["bench", "acceptance", "--mode", "fast"], "--mode must be one of"),
+    (["models", "prepare", "--pair", "no-such-pair"], "no-such-pair"),
+])
+def test_user_mistakes_give_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("specbridge: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_value_is_an_argparse_error() -> None:
+    result = _run("edge", "--prompt", "hi", "--draft", "d", "--draft-len", "many")
+    assert result.returncode == 2
+    assert "invalid int value" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_server_is_one_line(tiny_pair) -> None:
+    pair = tiny_pair("tiny-gpt2-mistral")
+    result = _run("edge", "--server", "127.0.0.1:9", "--draft", str(pair.draft_onnx_dir), "--prompt", "hi")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("specbridge: error:")
+    assert "Traceback" not in result.stderr
