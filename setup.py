@@ -13,6 +13,10 @@ class BuildPyWithProto(build_py):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.generate(Path(__file__).parent)
+        # Package discovery ran before the stubs existed: add their package now.
+        for package in module.generated_packages():
+            if package not in self.packages:
+                self.packages.append(package)
         super().run()
 
 

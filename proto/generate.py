@@ -26,5 +26,10 @@ def generate(out_root: Path = REPO_ROOT) -> None:
         (package_dir / "__init__.py").touch()
 
 
+def generated_packages() -> list[str]:
+    """Dotted names of the packages the stubs land in (one per proto directory)."""
+    return sorted({".".join(p.parent.relative_to(PROTO_ROOT).parts) for p in PROTO_ROOT.rglob("*.proto")})
+
+
 if __name__ == "__main__":
     generate(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT)
