@@ -11,7 +11,7 @@ import torch
 
 from cloud_verifier.target import TargetModel
 from cloud_verifier.transfer import shared_vocabulary_map
-from edge_client.draft_runtime import DraftRuntime
+from edge_client.client import load_edge_draft
 from edge_client.drafter import Drafter
 from shared.vocab import Vocab
 
@@ -23,7 +23,6 @@ def load_target(hf_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype =
 def load_drafter(onnx_dir: str | Path, *, variant: str = "fp32", threads: int | None = None,
                  target_vocab: Vocab | None = None) -> Drafter:
     """The edge drafter; given the target's vocabulary it also knows the shared ids for the draft_probs rule."""
-    runtime = DraftRuntime.load(Path(onnx_dir), variant=variant, threads=threads)
-    vocab = Vocab.from_pretrained(onnx_dir)
-    shared_ids = None if target_vocab is None else list(shared_vocabulary_map(vocab.token_bytes, target_vocab.id_by_bytes))
-    return Drafter(runtime, vocab, shared_ids=shared_ids)
+    draft = load_edge_draft(onnx_dir, variant=variant, threads=threads)
+    shared_ids = None if target_vocab is None else list(shared_vocabulary_map(draft.vocab.token_bytes, target_vocab.id_by_bytes))
+    return Drafter(draft.runtime, draft.vocab, shared_ids=shared_ids)
