@@ -64,6 +64,7 @@ class ServedRound:
     outcome: RoundOutcome
     accepted_bytes: bytes  # the prefix of outcome.committed_bytes the accepted ids contribute
     finish_reason: FinishReason | None
+    verify_ms: float = 0.0  # the verifier's own time on the round (arrival to answer)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,12 @@ def _check_probability(probability: float) -> float:
     if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
         raise WireFormatError(f"a top-k probability must be a finite number in [0, 1], got {probability}")
     return probability
+
+
+def _check_duration_ms(duration_ms: float) -> float:
+    if not (math.isfinite(duration_ms) and duration_ms >= 0.0):
+        raise WireFormatError(f"a duration must be a finite number of milliseconds >= 0, got {duration_ms}")
+    return duration_ms
 
 
 def _check_vocab_bytes(vocab_bytes: tuple[bytes, ...] | None, info: DraftTokenizerInfo) -> tuple[bytes, ...] | None:
@@ -229,6 +236,7 @@ def encode_round(served: ServedRound) -> pb.RoundResult:
         draft_tokens_accepted=outcome.draft_tokens_accepted,
         finished=outcome.finished,
         finish_reason=_finish_reason_to_wire(served.finish_reason, outcome.finished),
+        verify_ms=_check_duration_ms(served.verify_ms),
     )
     if outcome.next_id is not None:
         result.correction_id = _check_range("correction_id", outcome.next_id, UINT32_MAX)
@@ -247,7 +255,8 @@ def decode_round(result: pb.RoundResult) -> ServedRound:
         finished=result.finished,
     )
     return ServedRound(outcome=outcome, accepted_bytes=result.accepted_bytes,
-                       finish_reason=_finish_reason_from_wire(result.finish_reason, result.finished))
+                       finish_reason=_finish_reason_from_wire(result.finish_reason, result.finished),
+                       verify_ms=_check_duration_ms(result.verify_ms))
 
 
 def encode_generation_request(request: GenerationRequest) -> pb.GenerateRequest:

@@ -74,7 +74,8 @@ def test_session_info_round_trip() -> None:
 
 
 @pytest.mark.parametrize("served", [
-    ServedRound(RoundOutcome((4, 5), 6, b"ab\xe6\x9d", 3, 2, False), accepted_bytes=b"ab", finish_reason=None),
+    ServedRound(RoundOutcome((4, 5), 6, b"ab\xe6\x9d", 3, 2, False), accepted_bytes=b"ab", finish_reason=None,
+                verify_ms=12.5),
     ServedRound(RoundOutcome((), 0, b"", 0, 0, True), accepted_bytes=b"", finish_reason=FinishReason.LENGTH),
     ServedRound(RoundOutcome((7, 1), None, b"x", 2, 1, True), accepted_bytes=b"x", finish_reason=FinishReason.EOS),
 ])
@@ -127,6 +128,10 @@ def test_inconsistent_messages_are_refused() -> None:
     with pytest.raises(WireFormatError, match="vocab_size"):
         decode_session_request(pb.OpenSession(draft_tokenizer=pb.DraftTokenizer(vocab_size=3), draft_vocab_bytes=[b"a"],
                                               decoding=encode_decoding(DecodingConfig())))
+    with pytest.raises(WireFormatError, match="milliseconds"):
+        decode_round(pb.RoundResult(verify_ms=math.nan))
+    with pytest.raises(WireFormatError, match="milliseconds"):
+        decode_round(pb.RoundResult(verify_ms=-1.0))
     with pytest.raises(WireFormatError, match="prefix"):
         encode_round(ServedRound(RoundOutcome((1,), 2, b"ab", 1, 1, False), accepted_bytes=b"x", finish_reason=None))
 
