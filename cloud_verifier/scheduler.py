@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cloud_verifier.session import PlannedRound, VerifierSession
+from cloud_verifier.session import PlannedRound, VerifierSession, decide_together
 from cloud_verifier.target import TargetModel
 from shared.proposal import RoundOutcome
 
@@ -37,6 +38,7 @@ class BatchStats:
     rows: int = 0
     tokens_fed: int = 0
     committed_tokens: int = 0
+    busy_ms: float = 0.0  # the worker's time in target forwards and acceptance decisions
 
     @property
     def rows_per_forward(self) -> float:
@@ -136,19 +138,20 @@ class BatchScheduler:
                 self._forward([live[row] for row in group])
 
     def _forward(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
-            logits = self.target.forward([(p.session.cache, p.planned.feed_ids) for p in batch])
+            feeds = self.target.forward([(p.session.cache, p.planned.feed_ids) for p in batch])
+            outcomes = decide_together([(p.session, p.planned, feed) for p, feed in zip(batch, feeds)])
         except Exception as error:  # noqa: BLE001 - reported to exactly this batch's callers
             failure = BatchForwardError(f"target forward over {len(batch)} rows failed: {_one_line(error)}")
             for pending in batch:
                 pending.settle(None, failure)
             return
+        busy_ms = (time.perf_counter() - started) * 1e3
         committed = 0
-        for pending, row_logits in zip(batch, logits):
-            try:
-                outcome = pending.session.decide(pending.planned, row_logits)
-            except Exception as error:  # noqa: BLE001 - one session's bad round must not fail the others
-                pending.settle(None, error)
+        for pending, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Exception):
+                pending.settle(None, outcome)
                 continue
             committed += len(outcome.new_ids)
             pending.settle(outcome, None)
@@ -156,7 +159,8 @@ class BatchScheduler:
             stats = self._stats
             self._stats = BatchStats(forwards=stats.forwards + 1, rows=stats.rows + len(batch),
                                      tokens_fed=stats.tokens_fed + sum(len(p.planned.feed_ids) for p in batch),
-                                     committed_tokens=stats.committed_tokens + committed)
+                                     committed_tokens=stats.committed_tokens + committed,
+                                     busy_ms=stats.busy_ms + busy_ms)
 
 
 def _one_line(error: BaseException) -> str:

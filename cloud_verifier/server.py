@@ -49,6 +49,7 @@ class ServeConfig:
     max_sessions: int = field(default=256, metadata={"help": "most live sessions; more are refused (RESOURCE_EXHAUSTED)"})
     max_draft_tokens: int = field(default=16, metadata={"help": "most draft tokens one proposal may hold"})
     max_new_tokens_limit: int = field(default=4096, metadata={"help": "largest max_new_tokens a client may ask for"})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads for the target (unset: torch's default)"})
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -60,6 +61,8 @@ class ServeConfig:
         for name in ("max_batch", "max_sessions", "max_draft_tokens", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ServeConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ServeConfigError(f"--threads must be >= 1, got {self.threads}")
 
     @property
     def limits(self) -> EngineLimits:
@@ -82,6 +85,8 @@ class RunningVerifier:
 
 
 def load_engine(config: ServeConfig) -> VerifierEngine:
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     target = TargetModel.from_pretrained(config.target, device=config.device, dtype=DTYPES[config.dtype])
     return VerifierEngine(target, Vocab.from_pretrained(config.target), Path(config.target).name, config.limits)
 

@@ -1,8 +1,9 @@
 """One generation session on the verifier: re-tokenize and align a proposal, then decide and commit.
 
 A round is split around the target forward so the scheduler can batch many sessions' forwards:
-`plan` (CPU: retokenize, align, proposal law) -> TargetModel.forward -> `decide` (acceptance rule,
-commit, crop the cache). The committed target ids are the truth; the KV cache is derived state.
+`plan` (CPU: retokenize, align, proposal law) -> TargetModel.forward -> `decide_together` (acceptance
+rules, their logits rows computed lazily and batched; commit, crop the cache). The committed target
+ids are the truth; the KV cache is derived state.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 
 from cloud_verifier.align import draft_positions_per_target, dtw_align
 from cloud_verifier.errors import ProposalError, SessionFinishedError
+from cloud_verifier.lazy_head import LazyLogits, run_rules
 from cloud_verifier.target import RowCache
 from cloud_verifier.transfer import transfer_top_k
-from cloud_verifier.verify import Verdict, target_probs, verify_greedy, verify_point_mass, verify_rejection
+from cloud_verifier.verify import Rule, Verdict, greedy_rule, point_mass_rule, rejection_rule, warped_rule
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 from shared.proposal import DraftProposal, RoundOutcome
 from shared.retokenize import retokenize
@@ -32,6 +34,10 @@ class PlannedRound:
     draft_positions: tuple[tuple[int, ...], ...]  # A(j): draft tokens aligned to each proxy token
     proposal_probs: tuple[dict[int, float], ...] | None  # q_j for the min(1, p/q) rules
     align_us: float  # CPU time of DTW alignment and the proposal law (TokenTiming reports 663 us)
+
+    def verify_rows(self, feed_logits: LazyLogits) -> LazyLogits:
+        """The m + 1 rows the acceptance rule reads, out of a forward's rows over `feed_ids`: the last ones."""
+        return feed_logits.tail(len(self.proxy_ids) + 1)
 
 
 class VerifierSession:
@@ -113,26 +119,35 @@ class VerifierSession:
             by_bytes = self.vocab.id_by_bytes
             laws = []
             for token, proxy_id in zip(proposal.tokens, proxy):
-                law = {by_bytes[b]: p for b, p in token.top_k if b in by_bytes}
+                # The draft samples an id but proposes its bytes, so q(bytes) sums every id with those
+                # bytes (SentencePiece's `▁` and `<0x20>`); keeping one understates q and biases acceptance.
+                law: dict[int, float] = {}
+                for data, probability in token.top_k:
+                    if data in by_bytes:
+                        law[by_bytes[data]] = law.get(by_bytes[data], 0.0) + probability
                 if law.get(proxy_id, 0.0) <= 0.0:
                     raise ProposalError("draft_probs proposal: a drafted token has no probability in its own top-k law")
                 laws.append(law)
             return tuple(laws)
         return tuple(transfer_top_k([t.top_k for t in proposal.tokens], positions, proxy, self.vocab.id_by_bytes))
 
-    def _verdict(self, planned: PlannedRound, logits: torch.Tensor) -> Verdict:
+    def rule(self, planned: PlannedRound) -> Rule:
+        """The acceptance rule of this round, to be sent the logits of `planned.verify_rows`."""
         proxy, eos = list(planned.proxy_ids), self.vocab.eos_ids
         if self.config.mode is DecodeMode.GREEDY:
-            return verify_greedy(logits, proxy, eos)
-        probs = target_probs(logits, self.config)
+            return greedy_rule(proxy, eos)
         if planned.proposal_probs is None:
-            return verify_point_mass(probs, proxy, eos, self.generator)
-        return verify_rejection(probs, proxy, planned.proposal_probs, eos, self.generator)
+            return warped_rule(point_mass_rule(proxy, eos, self.generator), self.config)
+        return warped_rule(rejection_rule(proxy, planned.proposal_probs, eos, self.generator), self.config)
 
-    def decide(self, planned: PlannedRound, feed_logits: torch.Tensor) -> RoundOutcome:
+    def decide(self, planned: PlannedRound, feed_logits: LazyLogits) -> RoundOutcome:
         """Apply the acceptance rule to the logits of a forward over `planned.feed_ids`, and commit."""
-        verify_logits = feed_logits[-(len(planned.proxy_ids) + 1) :]
-        verdict = self._verdict(planned, verify_logits)
+        (outcome,) = decide_together([(self, planned, feed_logits)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def commit(self, planned: PlannedRound, verdict: Verdict) -> RoundOutcome:
         accepted = planned.proxy_ids[: verdict.accepted]
         new_ids = list(accepted) + ([verdict.next_token] if verdict.next_token is not None else [])
         self.cache.crop(len(self.committed_ids) + len(accepted))
@@ -149,6 +164,25 @@ class VerifierSession:
             draft_tokens_accepted=_leading_draft_tokens_covered(planned.draft_positions, verdict.accepted),
             finished=self.finished,
         )
+
+
+def decide_together(rounds: Sequence[tuple[VerifierSession, PlannedRound, LazyLogits]]) -> list[RoundOutcome | Exception]:
+    """Decide and commit the rounds of one forward, given each its forward's rows; their rules share head calls.
+
+    A round that fails fails alone (its exception is its result); a failing head call raises.
+    """
+    verdicts = run_rules([session.rule(planned) for session, planned, _ in rounds],
+                         [planned.verify_rows(feed_logits) for _, planned, feed_logits in rounds])
+    outcomes: list[RoundOutcome | Exception] = []
+    for (session, planned, _), verdict in zip(rounds, verdicts):
+        if isinstance(verdict, Exception):
+            outcomes.append(verdict)
+            continue
+        try:
+            outcomes.append(session.commit(planned, verdict))
+        except Exception as error:  # noqa: BLE001 - one session's bad round must not fail the others
+            outcomes.append(error)
+    return outcomes
 
 
 def _leading_draft_tokens_covered(draft_positions: tuple[tuple[int, ...], ...], accepted: int) -> int:

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from cloud_verifier import lazy_head
+from cloud_verifier.lazy_head import LazyLogits
 from cloud_verifier.scheduler import BatchForwardError, BatchScheduler, SchedulerClosedError, split_by_feed_length
 from cloud_verifier.session import VerifierSession
+from cloud_verifier.verify import Rule, Verdict
 from shared.decoding import DecodingConfig
 from shared.proposal import DraftProposal, DraftToken, RoundOutcome
 from tests.lossless_prompts import LOSSLESS_PROMPTS
@@ -29,13 +32,28 @@ class FakeCache:
 class FakePlanned:
     feed_ids: tuple[int, ...]
 
+    def verify_rows(self, feed_logits: LazyLogits) -> LazyLogits:
+        return feed_logits.tail(1)
+
+
+def _echo_rule() -> Rule:
+    row = yield 0
+    return Verdict(accepted=0, next_token=int(row[0]))
+
 
 @dataclass
 class FakeSession:
     cache: FakeCache = field(default_factory=FakeCache)
 
-    def decide(self, planned: FakePlanned, logits: torch.Tensor) -> RoundOutcome:
-        return RoundOutcome((), int(logits[-1, 0]), b"x", 0, 0, False)
+    def rule(self, planned: FakePlanned) -> Rule:
+        return _echo_rule()
+
+    def commit(self, planned: FakePlanned, verdict: Verdict) -> RoundOutcome:
+        return RoundOutcome((), verdict.next_token, b"x", 0, 0, False)
+
+
+def _identity_head(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
 
 
 class FakeTarget:
@@ -52,7 +70,7 @@ class FakeTarget:
         self.batches.append([len(ids) for _, ids in rows])
         if any(ids[-1] == self.fail_on for _, ids in rows):
             raise RuntimeError("boom\nsecond line")
-        return [torch.full((len(ids), 1), float(ids[-1])) for _, ids in rows]
+        return [LazyLogits(torch.full((len(ids), 1), float(ids[-1])), _identity_head) for _, ids in rows]
 
 
 def test_split_by_feed_length_keeps_prefills_apart() -> None:
@@ -83,6 +101,7 @@ def test_lone_request_runs_at_once_and_queued_ones_share_a_forward() -> None:
     scheduler.close()
     assert target.batches == [[2], [1], [1, 1, 1], [1, 1]]  # max_batch 3: the rest waits a step
     assert scheduler.stats.forwards == 4 and scheduler.stats.rows == 7 and scheduler.stats.tokens_fed == 8
+    assert scheduler.stats.busy_ms > 0
 
 
 def test_failed_forward_fails_only_its_batch() -> None:
@@ -153,7 +172,10 @@ async def _drive(scheduler: BatchScheduler, session: VerifierSession, reference_
     return session.committed_ids[session.prompt_length :]
 
 
-def test_batched_greedy_equals_unbatched_generate(tiny_target) -> None:
+# 0: every step computes first rows alone, then the rest for the rounds that accepted x_1.
+@pytest.mark.parametrize("lazy_from_rows", [lazy_head.LAZY_FROM_ROWS, 0])
+def test_batched_greedy_equals_unbatched_generate(tiny_target, lazy_from_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lazy_head, "LAZY_FROM_ROWS", lazy_from_rows)
     target, vocab = tiny_target
     prompts = LOSSLESS_PROMPTS[::3][:12]
     budgets = [MAX_NEW_TOKENS - 2 * (i % 4) for i in range(len(prompts))]  # sessions leave at different steps

@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 from scipy.stats import chisquare
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cloud_verifier.verify import Verdict, target_probs, verify_greedy, verify_point_mass, verify_rejection
+from cloud_verifier.verify import (Rule, Verdict, apply_rule, greedy_rule, point_mass_rule, rejection_rule, target_probs,
+                                   warped_rule)
 from shared.decoding import DecodeMode, DecodingConfig
 
 ALPHA = 1e-3  # false-alarm rate of each frequency test; seeded, so deterministic
@@ -45,42 +46,89 @@ def _first_token(verdict: Verdict, proposal: list[int]) -> int:
     return proposal[0] if verdict.accepted else verdict.next_token
 
 
+def _recorded(rule: Rule, asked: list[int]) -> Rule:
+    """`rule`, noting each position it asks for."""
+    position = next(rule)
+    while True:
+        asked.append(position)
+        try:
+            position = rule.send((yield position))
+        except StopIteration as done:
+            return done.value
+
+
+def _reads_every_row(count: int, seen: list[torch.Tensor]) -> Rule:
+    for position in range(count):
+        seen.append((yield position))
+    return Verdict(accepted=count - 1, next_token=None)
+
+
 # -- greedy --------------------------------------------------------------------------------------
 
 def test_greedy_accepts_all_and_adds_the_bonus() -> None:
-    assert verify_greedy(_one_hot_logits(1, 2, 3), [1, 2], NO_EOS) == Verdict(accepted=2, next_token=3)
+    assert apply_rule(_one_hot_logits(1, 2, 3), greedy_rule([1, 2], NO_EOS)) == Verdict(accepted=2, next_token=3)
 
 
 def test_greedy_corrects_the_first_mismatch() -> None:
-    assert verify_greedy(_one_hot_logits(1, 2, 3), [1, 0], NO_EOS) == Verdict(accepted=1, next_token=2)
-    assert verify_greedy(_one_hot_logits(1, 2, 3), [0, 2], NO_EOS) == Verdict(accepted=0, next_token=1)
+    assert apply_rule(_one_hot_logits(1, 2, 3), greedy_rule([1, 0], NO_EOS)) == Verdict(accepted=1, next_token=2)
+    assert apply_rule(_one_hot_logits(1, 2, 3), greedy_rule([0, 2], NO_EOS)) == Verdict(accepted=0, next_token=1)
 
 
 def test_greedy_empty_proposal_is_one_target_step() -> None:
-    assert verify_greedy(_one_hot_logits(3), [], NO_EOS) == Verdict(accepted=0, next_token=3)
+    assert apply_rule(_one_hot_logits(3), greedy_rule([], NO_EOS)) == Verdict(accepted=0, next_token=3)
 
 
 def test_greedy_no_bonus_after_an_accepted_eos() -> None:
-    assert verify_greedy(_one_hot_logits(1, EOS, 0), [1, EOS], frozenset({EOS})) == Verdict(accepted=2, next_token=None)
+    assert apply_rule(_one_hot_logits(1, EOS, 0), greedy_rule([1, EOS], frozenset({EOS}))) == Verdict(accepted=2, next_token=None)
 
 
 def test_greedy_rejected_eos_is_corrected_and_a_correction_may_be_eos() -> None:
-    assert verify_greedy(_one_hot_logits(2, 0), [EOS], frozenset({EOS})) == Verdict(accepted=0, next_token=2)
-    assert verify_greedy(_one_hot_logits(EOS, 0), [1], frozenset({EOS})) == Verdict(accepted=0, next_token=EOS)
+    assert apply_rule(_one_hot_logits(2, 0), greedy_rule([EOS], frozenset({EOS}))) == Verdict(accepted=0, next_token=2)
+    assert apply_rule(_one_hot_logits(EOS, 0), greedy_rule([1], frozenset({EOS}))) == Verdict(accepted=0, next_token=EOS)
 
 
 def test_greedy_ties_break_as_torch_argmax() -> None:
     logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     first = int(torch.argmax(logits[0]))
-    assert verify_greedy(logits, [first], NO_EOS) == Verdict(accepted=1, next_token=int(torch.argmax(logits[1])))
-    assert verify_greedy(logits, [3 - first], NO_EOS) == Verdict(accepted=0, next_token=first)
+    assert apply_rule(logits, greedy_rule([first], NO_EOS)) == Verdict(accepted=1, next_token=int(torch.argmax(logits[1])))
+    assert apply_rule(logits, greedy_rule([3 - first], NO_EOS)) == Verdict(accepted=0, next_token=first)
 
 
 def test_rows_must_match_the_proposal() -> None:
     with pytest.raises(ValueError):
-        verify_greedy(_one_hot_logits(1, 2), [1, 2], NO_EOS)
+        apply_rule(_one_hot_logits(1, 2), greedy_rule([1, 2], NO_EOS))
     with pytest.raises(ValueError):
-        verify_point_mass(torch.full((2, 5), 0.2), [7], NO_EOS, _generator())
+        apply_rule(torch.full((2, 5), 0.2), point_mass_rule([7], NO_EOS, _generator()))
+    with pytest.raises(ValueError):
+        apply_rule(torch.full((2, 5), 0.2), rejection_rule([1], [], NO_EOS, _generator()))
+
+
+@pytest.mark.parametrize(
+    ("best", "proposal", "eos_ids", "rows_read"),
+    [
+        pytest.param((1, 2, 3, 4), [0, 2, 3], NO_EOS, [0], id="first rejected"),
+        pytest.param((1, 2, 3, 4), [1, 2, 0], NO_EOS, [0, 1, 2], id="third rejected"),
+        pytest.param((1, 2, 3, 4), [1, 2, 3], NO_EOS, [0, 1, 2, 3], id="all accepted, then the bonus"),
+        pytest.param((1, EOS, 3, 4), [1, EOS, 3], frozenset({EOS}), [0, 1], id="accepted EOS"),
+    ],
+)
+def test_greedy_reads_rows_left_to_right_and_stops_at_the_first_rejection(
+        best: tuple[int, ...], proposal: list[int], eos_ids: frozenset[int], rows_read: list[int]) -> None:
+    asked: list[int] = []
+    apply_rule(_one_hot_logits(*best), _recorded(greedy_rule(proposal, eos_ids), asked))
+    assert asked == rows_read
+
+
+def test_sampling_rules_read_no_row_past_the_first_rejection() -> None:
+    certain = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    for proposal, rows_read in (([0, 2], [0]), ([1, 0], [0, 1]), ([1, 2], [0, 1, 2])):
+        asked: list[int] = []
+        apply_rule(certain, _recorded(point_mass_rule(proposal, NO_EOS, _generator()), asked))
+        assert asked == rows_read
+        asked = []
+        laws = [{token: 0.5, (token + 1) % 3: 0.5} for token in proposal]
+        apply_rule(certain, _recorded(rejection_rule(proposal, laws, NO_EOS, _generator()), asked))
+        assert asked == rows_read
 
 
 # -- point mass ---------------------------------------------------------------------------------
@@ -88,7 +136,7 @@ def test_rows_must_match_the_proposal() -> None:
 @pytest.mark.parametrize("proposed", [0, 1, 4])
 def test_point_mass_first_token_follows_p_whatever_is_proposed(proposed: int) -> None:
     probs, generator = torch.stack([P_FIRST, P_SECOND]), _generator(proposed)
-    verdicts = [verify_point_mass(probs, [proposed], NO_EOS, generator) for _ in range(DRAWS)]
+    verdicts = [apply_rule(probs, point_mass_rule([proposed], NO_EOS, generator)) for _ in range(DRAWS)]
     assert _p_value([_first_token(v, [proposed]) for v in verdicts], P_FIRST) > ALPHA
     bonuses = [v.next_token for v in verdicts if v.accepted]
     assert abs(len(bonuses) / DRAWS - float(P_FIRST[proposed])) < 0.015
@@ -97,18 +145,18 @@ def test_point_mass_first_token_follows_p_whatever_is_proposed(proposed: int) ->
 
 def test_point_mass_certain_and_impossible_proposals() -> None:
     certain = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    assert verify_point_mass(certain, [1], NO_EOS, _generator()) == Verdict(accepted=1, next_token=2)
-    assert verify_point_mass(certain, [0], NO_EOS, _generator()) == Verdict(accepted=0, next_token=1)
+    assert apply_rule(certain, point_mass_rule([1], NO_EOS, _generator())) == Verdict(accepted=1, next_token=2)
+    assert apply_rule(certain, point_mass_rule([0], NO_EOS, _generator())) == Verdict(accepted=0, next_token=1)
 
 
 def test_point_mass_no_bonus_after_an_accepted_eos() -> None:
     probs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0], [0.2] * 5])
-    assert verify_point_mass(probs, [EOS], frozenset({EOS}), _generator()) == Verdict(accepted=1, next_token=None)
+    assert apply_rule(probs, point_mass_rule([EOS], frozenset({EOS}), _generator())) == Verdict(accepted=1, next_token=None)
 
 
 def test_sampling_is_reproducible_from_the_seed() -> None:
     probs = torch.stack([P_FIRST, P_SECOND, P_FIRST])
-    runs = [[verify_point_mass(probs, [1, 2], NO_EOS, generator) for _ in range(50)]
+    runs = [[apply_rule(probs, point_mass_rule([1, 2], NO_EOS, generator)) for _ in range(50)]
             for generator in (_generator(7), _generator(7))]
     assert runs[0] == runs[1]
 
@@ -121,7 +169,7 @@ def _rejection_first_tokens(p: torch.Tensor, q: dict[int, float], seed: int) -> 
     ids, weights = list(q), np.array(list(q.values()))
     proposals = rng.choice(ids, size=DRAWS, p=weights / weights.sum())
     probs, generator = torch.stack([p, P_SECOND]), _generator(seed)
-    return [_first_token(verify_rejection(probs, [int(x)], [q], NO_EOS, generator), [int(x)]) for x in proposals]
+    return [_first_token(apply_rule(probs, rejection_rule([int(x)], [q], NO_EOS, generator)), [int(x)]) for x in proposals]
 
 
 @pytest.mark.parametrize(
@@ -145,26 +193,26 @@ def test_rejection_accepts_everything_when_q_equals_p() -> None:
     probs = torch.stack([P_FIRST, P_SECOND])
     law = {t: float(P_FIRST[t]) for t in range(5)}
     generator = _generator()
-    assert all(verify_rejection(probs, [t], [law], NO_EOS, generator).accepted == 1 for t in range(5) for _ in range(20))
+    assert all(apply_rule(probs, rejection_rule([t], [law], NO_EOS, generator)).accepted == 1 for t in range(5) for _ in range(20))
 
 
 def test_rejection_falls_back_to_p_when_the_residual_is_empty() -> None:
     # q~ summing past 1 (not a law) can leave max(0, p - q) all zero after a rejection.
     probs = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     generator = _generator()
-    verdicts = [verify_rejection(probs, [0], [{0: 1.0, 1: 1.0}], NO_EOS, generator) for _ in range(200)]
+    verdicts = [apply_rule(probs, rejection_rule([0], [{0: 1.0, 1: 1.0}], NO_EOS, generator)) for _ in range(200)]
     assert {v.next_token for v in verdicts if not v.accepted} <= {0, 1}
     assert {v.next_token for v in verdicts if v.accepted} == {2}
 
 
 def test_rejection_refuses_a_token_outside_its_own_law() -> None:
     with pytest.raises(ValueError):
-        verify_rejection(torch.stack([P_FIRST, P_SECOND]), [2], [{1: 1.0}], NO_EOS, _generator())
+        apply_rule(torch.stack([P_FIRST, P_SECOND]), rejection_rule([2], [{1: 1.0}], NO_EOS, _generator()))
 
 
 def test_rejection_no_bonus_after_an_accepted_eos() -> None:
     probs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0], [0.2] * 5])
-    assert verify_rejection(probs, [EOS], [{EOS: 0.5, 0: 0.5}], frozenset({EOS}), _generator()) == Verdict(1, None)
+    assert apply_rule(probs, rejection_rule([EOS], [{EOS: 0.5, 0: 0.5}], frozenset({EOS}), _generator())) == Verdict(1, None)
 
 
 # -- warping, as generate(do_sample=True) does it ------------------------------------------------
@@ -190,6 +238,9 @@ def test_target_probs_equal_generate_warping(tiny_lm: GPT2LMHeadModel, temperatu
     raw = torch.cat(out.logits)  # [steps, vocab], before any processor
     expected = torch.softmax(torch.cat(out.scores), dim=-1)  # what generate sampled from
     assert torch.equal(target_probs(raw, config), expected)
+    seen: list[torch.Tensor] = []  # what a sampling rule is sent, row by row, from the same logits
+    apply_rule(raw, warped_rule(_reads_every_row(len(raw), seen), config))
+    assert torch.equal(torch.stack(seen), expected)
 
 
 @settings(max_examples=50, deadline=None)
