@@ -166,8 +166,10 @@ def prepare_pair(name: str = DEFAULT_PAIR, out_dir: Path | None = None, *, int8:
 
     draft, target = REAL_PAIRS[name]
     pair = _real_pair_paths(name, root)
+    # A prepared pair is found in an instant: no bar racing through three stages for it.
+    prepared = all(_is_complete(path) for path in (pair.draft_hf_dir, pair.target_hf_dir, pair.draft_onnx_dir))
     with _locked(root), _transformers_progress(progress), \
-            tqdm(total=3, unit="stage", file=sys.stderr, disable=not progress) as bar:
+            tqdm(total=3, unit="stage", file=sys.stderr, disable=not progress or prepared) as bar:
         for model, hf_dir in ((draft, pair.draft_hf_dir), (target, pair.target_hf_dir)):
             bar.set_description(f"{name}: {model.key} to Hugging Face")
             _ensure_hf_dir(model, hf_dir)

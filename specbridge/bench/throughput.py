@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from cloud_verifier.launcher import VerifierProcess
 from cloud_verifier.server import ServeConfig
 from edge_client.client import ClientResult, EdgeDraft, VerifierClient, load_edge_draft
 from shared.decoding import DecodingConfig
+from specbridge.placement import Placement
 from specbridge.v1 import specbridge_pb2 as pb
 
 SPECULATIVE = "speculative"
@@ -41,6 +41,8 @@ class ThroughputBenchConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "target tokens per prompt"})
     draft_len: int = field(default=6, metadata={"help": "draft tokens per round"})
     repeats: int = field(default=1, metadata={"help": "runs per measurement, pooled"})
+    verifier_cpus: tuple[int, ...] = field(default=(0,), metadata={"help": "CPUs the verifier process is pinned to"})
+    edge_cpus: tuple[int, ...] = field(default=(1,), metadata={"help": "CPUs the edge clients (this process) are pinned to"})
     json: str = field(default="results/throughput.json", metadata={"help": "write results here"})
     plot: str = field(default="results/throughput.png", metadata={"help": "draw the plot here"})
 
@@ -50,6 +52,14 @@ class ThroughputBenchConfig:
         for name in ("prompts", "max_new_tokens", "draft_len", "repeats"):
             if getattr(self, name) < 1:
                 raise ThroughputBenchConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        self.placement  # validates the CPU sets
+
+    @property
+    def placement(self) -> Placement:
+        try:
+            return Placement(verifier_cpus=self.verifier_cpus, edge_cpus=self.edge_cpus)
+        except ValueError as error:
+            raise ThroughputBenchConfigError(str(error)) from None
 
 
 def inter_token_ms(result: ClientResult) -> list[float]:
@@ -58,8 +68,11 @@ def inter_token_ms(result: ClientResult) -> list[float]:
     return [gap / count for gap, count in zip(gaps, result.committed_per_response[1:]) for _ in range(count)]
 
 
-def _stats_delta(before: pb.VerifierStats, after: pb.VerifierStats) -> dict[str, int]:
-    return {name: getattr(after, name) - getattr(before, name) for name in ("forwards", "rows", "committed_tokens")}
+STAT_DELTAS = ("forwards", "rows", "committed_tokens", "busy_ms")
+
+
+def _stats_delta(before: pb.VerifierStats, after: pb.VerifierStats) -> dict[str, float]:
+    return {name: getattr(after, name) - getattr(before, name) for name in STAT_DELTAS}
 
 
 async def _run_clients(address: str, mode: str, drafts: list[EdgeDraft], prompts: list[str],
@@ -84,7 +97,7 @@ async def _run_clients(address: str, mode: str, drafts: list[EdgeDraft], prompts
 
 async def _measure(address: str, mode: str, drafts: list[EdgeDraft], prompts: list[str],
                    config: ThroughputBenchConfig) -> dict:
-    results, wall_s, deltas = [], 0.0, {"forwards": 0, "rows": 0, "committed_tokens": 0}
+    results, wall_s, deltas = [], 0.0, dict.fromkeys(STAT_DELTAS, 0)
     async with VerifierClient(address) as admin:
         for repeat in range(config.repeats):
             before = await admin.stats()
@@ -105,6 +118,8 @@ async def _measure(address: str, mode: str, drafts: list[EdgeDraft], prompts: li
         "ttft_ms_p50": float(np.median([result.arrival_ms[0] for result in results])),
         "forwards_per_token": deltas["forwards"] / deltas["committed_tokens"],
         "rows_per_forward": deltas["rows"] / deltas["forwards"],
+        # The verifier's own cost per token (forwards and acceptance), whatever the edges' speed: capacity.
+        "verifier_busy_ms_per_token": deltas["busy_ms"] / deltas["committed_tokens"],
         "committed_tokens": tokens,
         "wall_s": wall_s,
     }
@@ -132,16 +147,18 @@ def run_throughput_bench(config: ThroughputBenchConfig) -> dict:
 
     pair = prepare_pair(config.pair)
     prompts = [HELD_OUT_PROMPTS[index % len(HELD_OUT_PROMPTS)] for index in range(max(config.prompts, max(config.clients)))]
-    cores = os.cpu_count()
-    note = (f"edge clients (onnxruntime, 1 thread each) and the verifier (a child process) share this machine's "
-            f"{cores} CPU cores over loopback: speculative numbers include the edge's drafting cost")
+    placement = config.placement
+    note = (f"{placement.describe()}; the edge clients (one onnxruntime thread each) share the edge CPUs, over "
+            f"loopback")
     print(f"[throughput] {config.pair}: {note}", file=sys.stderr)
-    serve_config = ServeConfig(target=str(pair.target_hf_dir), port=0, max_batch=max(32, max(config.clients)))
-    with VerifierProcess(serve_config) as verifier:
+    serve_config = ServeConfig(target=str(pair.target_hf_dir), port=0, max_batch=max(32, max(config.clients)),
+                               threads=placement.verifier_threads)
+    with VerifierProcess(serve_config, cpus=placement.verifier_cpus) as verifier, placement.edge_pinned():
         first = load_edge_draft(pair.draft_onnx_dir, threads=1)
         drafts = [first] + [first.fork() for _ in range(max(config.clients) - 1)]
         results = uvloop.run(_bench(verifier.address, drafts, prompts, config))
-    report = {"pair": config.pair, "cpu_cores": cores, "note": note, "config": asdict(config), "results": results}
+    report = {"pair": config.pair, "placement": placement.describe(), "note": note, "config": asdict(config),
+              "results": results}
     _print_table(report)
     out = Path(config.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +172,7 @@ def _print_table(report: dict) -> None:
     results = report["results"]
     header = (f"{'clients':>7} {'spec tok/s':>10} {'target tok/s':>12} {'ratio':>6} {'spec ITL p50/p90 ms':>20} "
               f"{'target ITL p50/p90 ms':>22} {'fwd/tok spec':>12} {'fwd/tok tgt':>11} {'rows/fwd spec':>13} {'rows/fwd tgt':>12} "
-              f"{'spec draft/verify ms':>20}")
+              f"{'busy ms/tok spec':>16} {'busy ms/tok tgt':>15} {'spec draft/verify ms':>20}")
     print(f"{report['pair']}: {report['note']}")
     print(header)
     print("-" * len(header))
@@ -165,6 +182,7 @@ def _print_table(report: dict) -> None:
               f"{spec['tokens_per_s'] / target['tokens_per_s']:>5.2f}x "
               f"{_pair_ms(spec):>20} {_pair_ms(target):>22} {spec['forwards_per_token']:>12.3f} "
               f"{target['forwards_per_token']:>11.3f} {spec['rows_per_forward']:>13.2f} {target['rows_per_forward']:>12.2f} "
+              f"{spec['verifier_busy_ms_per_token']:>16.1f} {target['verifier_busy_ms_per_token']:>15.1f} "
               f"{spec['draft_ms_p50']:>10.1f}/{spec['round_trip_ms_p50']:<9.1f}")
 
 
@@ -191,7 +209,7 @@ def plot_throughput(report: dict, path: Path) -> None:
         axis.set_xticks(counts, labels=[str(count) for count in counts])
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(f"{report['pair']} on {report['cpu_cores']} CPU cores (edge clients share them)")
+    figure.suptitle(f"{report['pair']}: {report['placement']}", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

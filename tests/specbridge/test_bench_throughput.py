@@ -22,7 +22,8 @@ def test_throughput_bench_smoke(tiny_pair, tmp_path, monkeypatch) -> None:
         for count, row in report["results"][mode].items():
             assert ROW_KEYS <= row.keys() and row["clients"] == int(count)
             assert row["tokens_per_s"] > 0 and row["forwards_per_token"] > 0
-    assert "share" in report["note"]
+    assert "verifier on CPU 0" in report["note"] and "edge on CPU 1" in report["note"]
+    assert all(row["verifier_busy_ms_per_token"] > 0 for rows in report["results"].values() for row in rows.values())
     assert (tmp_path / "throughput.png").stat().st_size > 0
 
 

@@ -34,20 +34,23 @@ def loaded_pair(request, tiny_pair):
     return request.param, target, target_vocab, load_drafter(pair.draft_onnx_dir, target_vocab=target_vocab)
 
 
-@pytest.mark.parametrize("draft_len", [1, 4, 8])
-def test_greedy_equals_target_generate(loaded_pair, draft_len: int) -> None:
+# (draft length, draft-ahead): None is the adaptive length, the product's default with draft-ahead on.
+@pytest.mark.parametrize(("draft_len", "draft_ahead"), [(1, False), (4, False), (8, False), (4, True), (None, True)])
+def test_greedy_equals_target_generate(loaded_pair, draft_len: int | None, draft_ahead: bool) -> None:
     name, target, target_vocab, drafter = loaded_pair
     every_prompt = draft_len == 4 and name != "tiny-same-gpt2"
     prompts = LOSSLESS_PROMPTS if every_prompt else LOSSLESS_PROMPTS[::5]
     mismatches = []
     for prompt in prompts:
         result = speculative_generate(drafter, target, target_vocab, prompt, max_new_tokens=MAX_NEW_TOKENS,
-                                      draft_len=draft_len, config=DecodingConfig())
+                                      draft_len=draft_len, config=DecodingConfig(), draft_ahead=draft_ahead)
         if list(result.target_token_ids) != target_greedy(target, result.prompt_ids, MAX_NEW_TOKENS):
             mismatches.append(prompt)
         assert result.rounds == result.target_forwards == len(result.accepted_per_round)
         assert sum(result.accepted_per_round) + result.rounds >= len(result.target_token_ids)
-    assert not mismatches, f"{name} k={draft_len}: {len(mismatches)} prompts differ, e.g. {mismatches[0]!r}"
+        if not draft_ahead:
+            assert all(record.ahead_drafted == 0 for record in result.speculation_rounds)
+    assert not mismatches, f"{name} k={draft_len} ahead={draft_ahead}: {len(mismatches)} prompts differ, e.g. {mismatches[0]!r}"
 
 
 def test_same_tokenizer_control_accepts_whole_drafts(tiny_pair) -> None:
