@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml proto/generate.py proto/specbridge/v1/specbridge.proto
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[edge,verifier,models,tokenizers,bench,dev]'
+	$(PIP) install --quiet -e '.[edge,verifier,export,models,tokenizers,bench,dev]'
 	$(PY) proto/generate.py
 	@touch $(STAMP)
 

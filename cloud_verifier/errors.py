@@ -19,3 +19,11 @@ class CapacityError(VerifierError):
 
 class SessionFinishedError(VerifierError):
     """A proposal for a session that already ended (FAILED_PRECONDITION)."""
+
+
+class NoChatTemplateError(VerifierError):
+    """Chat messages for a target whose tokenizer has no chat template (FAILED_PRECONDITION)."""
+
+
+class ChatMessagesError(VerifierError, ValueError):
+    """Chat messages the target's chat template refuses to render (INVALID_ARGUMENT)."""

@@ -13,7 +13,14 @@ from typing import Any
 
 import grpc
 
-from cloud_verifier.errors import CapacityError, ProposalError, SessionFinishedError, SessionNotFoundError
+from cloud_verifier.errors import (
+    CapacityError,
+    ChatMessagesError,
+    NoChatTemplateError,
+    ProposalError,
+    SessionFinishedError,
+    SessionNotFoundError,
+)
 from shared.decoding import DecodingConfigError
 from shared.vocab import VocabError
 from shared.wire import WireFormatError
@@ -24,6 +31,8 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
     (SessionFinishedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NoChatTemplateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ChatMessagesError, grpc.StatusCode.INVALID_ARGUMENT),
     (ProposalError, grpc.StatusCode.INVALID_ARGUMENT),
     (WireFormatError, grpc.StatusCode.INVALID_ARGUMENT),
     (DecodingConfigError, grpc.StatusCode.INVALID_ARGUMENT),

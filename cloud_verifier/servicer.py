@@ -7,6 +7,7 @@ long as its call (the registry's `hold` frees it when the handler ends for any r
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -35,11 +36,13 @@ class VerifierServicer(specbridge_pb2_grpc.VerifierServicer):
         if first is None or first.WhichOneof("kind") != "open":
             raise WireFormatError("a Speculate stream must start with an 'open' message")
         request = decode_session_request(first.open)
-        session = self.engine.speculative_session(request)
+        prompt = self.engine.target_prompt(request.prompt, request.messages)
+        session = self.engine.speculative_session(request, prompt)
         shared_ids = self.engine.shared_draft_ids(request.draft_vocab_bytes) if request.draft_vocab_bytes else ()
         with self.engine.sessions.hold(session) as session_id:
             info = SessionInfo(session_id=session_id, prompt_token_count=session.prompt_length,
-                               target_model=self.engine.target_name, shared_draft_ids=shared_ids)
+                               target_model=self.engine.target_name, shared_draft_ids=shared_ids,
+                               rendered_prompt=prompt.text)
             yield pb.SpeculateResponse(opened=encode_session_info(info))
             async for message in request_iterator:
                 if message.WhichOneof("kind") != "draft":
@@ -51,10 +54,15 @@ class VerifierServicer(specbridge_pb2_grpc.VerifierServicer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        session = self.engine.generation_session(decode_generation_request(request))
+        generation = decode_generation_request(request)
+        prompt = self.engine.target_prompt(generation.prompt, generation.messages)
+        session = self.engine.generation_session(generation, prompt)
+        rendered_prompt = prompt.text  # told once, with the first step
         with self.engine.sessions.hold(session):
             while not session.finished:
-                yield encode_generated_step(await self.engine.generate_step(session))
+                step = await self.engine.generate_step(session)
+                yield encode_generated_step(replace(step, rendered_prompt=rendered_prompt))
+                rendered_prompt = ""
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.VerifierStats:
         batches = self.engine.scheduler.stats
@@ -63,4 +71,4 @@ class VerifierServicer(specbridge_pb2_grpc.VerifierServicer):
                                 sessions_closed=sessions.closed, forwards=batches.forwards, rows=batches.rows,
                                 tokens_fed=batches.tokens_fed, committed_tokens=batches.committed_tokens,
                                 rows_per_forward=batches.rows_per_forward, target_model=self.engine.target_name,
-                                cache_bytes=sessions.cache_bytes)
+                                cache_bytes=sessions.cache_bytes, busy_ms=batches.busy_ms)

@@ -1,21 +1,33 @@
 """`specbridge edge` and `specbridge generate`: one generation against a running verifier.
 
-Settings are frozen dataclasses (the flags follow from them, see specbridge/cli_args.py);
-text streams to stdout as it is committed, or one JSON object is printed at the end.
+Settings are frozen dataclasses (the flags follow from them, see specbridge/cli_args.py); both run
+through the Python API (edge_client.api). Text streams to stdout as it is committed, colored by
+origin with --color, or one JSON object is printed at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
-import uvloop
-
-from edge_client.client import ClientResult, EdgeClientError, EdgeDraft, TextSink, VerifierClient, load_edge_draft
+from edge_client.api import Edge, Generation, connect
+from edge_client.client import ClientResult, EdgeClientError, PieceSink
+from edge_client.committed_text import Origin, TextPiece
 from edge_client.draft_runtime import Variant
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
+from shared.event_loop import run
+
+AUTO_DRAFT_LEN = "auto"
+STDIN_PROMPT = "-"
+# ANSI colors by origin: the draft's tokens the target accepted in green, the target's own tokens in yellow.
+ORIGIN_COLORS = {Origin.DRAFT: "\x1b[32m", Origin.TARGET: "\x1b[33m"}
+RESET_COLOR = "\x1b[0m"
 
 
 class EdgeConfigError(EdgeClientError, ValueError):
@@ -23,9 +35,20 @@ class EdgeConfigError(EdgeClientError, ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class GenerateConfig:
+class VerifierSettings:
     server: str = field(default="127.0.0.1:50051", metadata={"help": "verifier address HOST:PORT"})
-    prompt: str = field(metadata={"help": "prompt text"})
+
+    def __post_init__(self) -> None:
+        host, _, port = self.server.rpartition(":")
+        if not host or not port.isdigit():
+            raise EdgeConfigError(f"--server must be HOST:PORT, got {self.server!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(VerifierSettings):
+    prompt: str | None = field(default=None, metadata={"help": f"prompt text; '{STDIN_PROMPT}' reads it from standard input"})
+    prompt_file: str | None = field(default=None, metadata={
+        "help": "read the prompt from this file, byte for byte (trailing newlines kept)"})
     max_new_tokens: int = field(default=64, metadata={"help": "target tokens to generate at most"})
     mode: DecodeMode = field(default=DecodeMode.GREEDY, metadata={"help": "greedy or sampled decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -35,9 +58,10 @@ class GenerateConfig:
     json: bool = field(default=False, metadata={"help": "print one JSON object at the end instead of streaming text"})
 
     def __post_init__(self) -> None:
-        host, _, port = self.server.rpartition(":")
-        if not host or not port.isdigit():
-            raise EdgeConfigError(f"--server must be HOST:PORT, got {self.server!r}")
+        super().__post_init__()
+        if (self.prompt is None) == (self.prompt_file is None):
+            raise EdgeConfigError(f"give the prompt once: --prompt TEXT, --prompt {STDIN_PROMPT} (standard input) "
+                                  f"or --prompt-file PATH")
         if self.max_new_tokens < 1:
             raise EdgeConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         _ = self.decoding  # DecodingConfig validates the decoding flags together
@@ -49,25 +73,62 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EdgeConfig(GenerateConfig):
+class DraftSettings(VerifierSettings):
     draft: str = field(metadata={"help": "exported ONNX draft directory"})
-    draft_len: int = field(default=6, metadata={"help": "draft tokens proposed per round"})
+    draft_len: str = field(default=AUTO_DRAFT_LEN, metadata={
+        "help": f"draft tokens per round: '{AUTO_DRAFT_LEN}' adapts it to the network and the acceptance seen, a number fixes it"})
+    draft_ahead: bool = field(default=True, metadata={"help": "keep drafting while a verification is in flight"})
     rule: AcceptanceRule = field(default=AcceptanceRule.POINT_MASS, metadata={"help": "acceptance rule when sampling"})
     variant: Variant = field(default=Variant.FP32, metadata={"help": "draft weights: fp32 or int8"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.draft_len < 1:
-            raise EdgeConfigError(f"--draft-len must be >= 1, got {self.draft_len}")
+        if self.draft_len != AUTO_DRAFT_LEN and not (self.draft_len.isdigit() and int(self.draft_len) >= 1):
+            raise EdgeConfigError(f"--draft-len must be '{AUTO_DRAFT_LEN}' or a number >= 1, got {self.draft_len!r}")
+
+    @property
+    def fixed_draft_len(self) -> int | None:
+        """None when the length adapts each round."""
+        return None if self.draft_len == AUTO_DRAFT_LEN else int(self.draft_len)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeConfig(GenerateConfig, DraftSettings):
+    color: bool = field(default=False, metadata={
+        "help": "color the text by origin: draft tokens the target accepted (green) vs the target's own tokens "
+                "(yellow); on a terminal only, unless FORCE_COLOR is set (NO_COLOR turns it off)"})
 
     @property
     def decoding(self) -> DecodingConfig:
         return dataclasses.replace(super().decoding, rule=self.rule)
 
 
-def _write_stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+def read_prompt(config: GenerateConfig, stdin: BinaryIO | None = None) -> str:
+    """The prompt exactly as given; a file or standard input byte for byte, since shell command substitution
+    strips trailing newlines and code prompts often end with one."""
+    if config.prompt_file is None and config.prompt != STDIN_PROMPT:
+        return config.prompt
+    source = config.prompt_file or "standard input"
+    data = Path(config.prompt_file).read_bytes() if config.prompt_file else (stdin or sys.stdin.buffer).read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EdgeConfigError(f"the prompt in {source} is not UTF-8 text (byte {error.start})") from None
+
+
+def use_color(requested: bool, is_tty: bool, environ: Mapping[str, str]) -> bool:
+    """Color only when asked and shown on a terminal; FORCE_COLOR forces it, NO_COLOR (no-color.org) vetoes it."""
+    if not requested or environ.get("NO_COLOR"):
+        return False
+    return is_tty or environ.get("FORCE_COLOR", "") not in ("", "0")
+
+
+def _stdout_writer(color: bool) -> PieceSink:
+    def write(piece: TextPiece) -> None:
+        sys.stdout.write(f"{ORIGIN_COLORS[piece.origin]}{piece.text}{RESET_COLOR}" if color else piece.text)
+        sys.stdout.flush()
+
+    return write
 
 
 def _report(result: ClientResult, as_json: bool) -> None:
@@ -77,25 +138,27 @@ def _report(result: ClientResult, as_json: bool) -> None:
         print()
 
 
-async def _edge(config: EdgeConfig, draft: EdgeDraft, on_text: TextSink | None) -> ClientResult:
-    async with VerifierClient(config.server) as client:
-        return await client.speculate(draft, config.prompt, config.decoding, max_new_tokens=config.max_new_tokens,
-                                      draft_len=config.draft_len, on_text=on_text)
-
-
-async def _generate(config: GenerateConfig, on_text: TextSink | None) -> ClientResult:
-    async with VerifierClient(config.server) as client:
-        return await client.generate(config.prompt, config.decoding, max_new_tokens=config.max_new_tokens, on_text=on_text)
+async def _generate(edge: Edge, request: Generation, on_piece: PieceSink | None) -> ClientResult:
+    async with edge:
+        return await edge.generate(request, on_piece)
 
 
 def run_edge(config: EdgeConfig) -> ClientResult:
-    draft = load_edge_draft(config.draft, variant=config.variant)
-    result = uvloop.run(_edge(config, draft, None if config.json else _write_stdout))
+    request = Generation(prompt=read_prompt(config), max_tokens=config.max_new_tokens, decoding=config.decoding,
+                         draft_len=config.fixed_draft_len, draft_ahead=config.draft_ahead)
+    edge = connect(config.server, config.draft, variant=config.variant)
+    color = not config.json and use_color(config.color, sys.stdout.isatty(), os.environ)
+    if color:
+        print(f"{ORIGIN_COLORS[Origin.DRAFT]}draft tokens the target accepted{RESET_COLOR}  "
+              f"{ORIGIN_COLORS[Origin.TARGET]}the target's own tokens{RESET_COLOR}", file=sys.stderr)
+    result = run(_generate(edge, request, None if config.json else _stdout_writer(color)))
     _report(result, config.json)
     return result
 
 
 def run_generate(config: GenerateConfig) -> ClientResult:
-    result = uvloop.run(_generate(config, None if config.json else _write_stdout))
+    request = Generation(prompt=read_prompt(config), max_tokens=config.max_new_tokens, decoding=config.decoding,
+                         speculative=False)
+    result = run(_generate(connect(config.server), request, None if config.json else _stdout_writer(False)))
     _report(result, config.json)
     return result

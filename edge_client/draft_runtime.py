@@ -155,6 +155,14 @@ class DraftRuntime:
             raise DraftModelError(f"{model_path} does not match its manifest: inputs differ by {sorted(actual ^ expected)[:4]}")
         return cls(session, manifest)
 
+    def fork(self) -> DraftRuntime:
+        """Another runtime on the same loaded weights with its own empty KV cache, for a concurrent session.
+
+        The weights are not copied: onnxruntime's `InferenceSession.run` is safe to call from several
+        threads at once, and each runtime passes its own cache in and out.
+        """
+        return DraftRuntime(self._session, self.manifest)
+
     @property
     def vocab_size(self) -> int:
         return self.manifest.vocab_size

@@ -7,6 +7,7 @@ nowhere else. Pure functions; malformed input raises WireFormatError (INVALID_AR
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
@@ -28,6 +29,15 @@ class WireFormatError(ValueError):
 class FinishReason(Enum):
     EOS = "eos"
     LENGTH = "length"  # the max_new_tokens budget is spent
+    STOP = "stop"  # a stop sequence appeared in the committed text (the edge decides this one)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn; the verifier renders a list of them with the target's own chat template."""
+
+    role: str
+    content: str
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class SessionRequest:
     draft_tokenizer: DraftTokenizerInfo
     resume_target_ids: tuple[int, ...] = ()
     draft_vocab_bytes: tuple[bytes, ...] | None = None  # only for the draft_probs rule
+    messages: tuple[ChatMessage, ...] = ()  # chat: used instead of `prompt` when given
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class SessionInfo:
     prompt_token_count: int
     target_model: str
     shared_draft_ids: tuple[int, ...] = ()
+    rendered_prompt: str = ""  # the text the target reads; empty from a verifier before chat (revision 1)
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class GenerationRequest:
     prompt: str
     config: DecodingConfig
     max_new_tokens: int
+    messages: tuple[ChatMessage, ...] = ()  # chat: used instead of `prompt` when given
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class GeneratedStep:
     token_bytes: bytes
     finish_reason: FinishReason | None
     prompt_token_count: int
+    rendered_prompt: str = ""  # the text the target reads, on the first step only
 
     @property
     def finished(self) -> bool:
@@ -94,7 +108,8 @@ _RULES = {
     AcceptanceRule.DRAFT_PROBS: pb.ACCEPTANCE_RULE_DRAFT_PROBS,
     AcceptanceRule.DTW_TRANSFER_APPROX: pb.ACCEPTANCE_RULE_DTW_TRANSFER_APPROX,
 }
-_FINISH_REASONS = {FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+_FINISH_REASONS = {FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+                   FinishReason.STOP: pb.FINISH_REASON_STOP}
 
 
 def _from_wire_enum(table: dict[Member, int], value: int, what: str) -> Member:
@@ -147,6 +162,17 @@ def _finish_reason_from_wire(value: int, finished: bool) -> FinishReason | None:
     return reason
 
 
+def encode_messages(messages: Sequence[ChatMessage]) -> list[pb.ChatMessage]:
+    return [pb.ChatMessage(role=message.role, content=message.content) for message in messages]
+
+
+def decode_messages(messages: Sequence[pb.ChatMessage]) -> tuple[ChatMessage, ...]:
+    for position, message in enumerate(messages):
+        if not message.role:
+            raise WireFormatError(f"chat message {position} has no role")
+    return tuple(ChatMessage(role=message.role, content=message.content) for message in messages)
+
+
 def encode_decoding(config: DecodingConfig) -> pb.DecodingSettings:
     settings = pb.DecodingSettings(mode=_MODES[config.mode], temperature=config.temperature, top_k=config.top_k,
                                    top_p=config.top_p, rule=_RULES[config.rule])
@@ -197,6 +223,7 @@ def encode_session_request(request: SessionRequest) -> pb.OpenSession:
                                           vocab_size=_check_range("vocab_size", info.vocab_size, UINT32_MAX)),
         resume_target_ids=_check_ids("resume_target_ids", request.resume_target_ids),
         draft_vocab_bytes=_check_vocab_bytes(request.draft_vocab_bytes, info) or (),
+        messages=encode_messages(request.messages),
     )
 
 
@@ -210,18 +237,21 @@ def decode_session_request(message: pb.OpenSession) -> SessionRequest:
         draft_tokenizer=info,
         resume_target_ids=tuple(message.resume_target_ids),
         draft_vocab_bytes=_check_vocab_bytes(tuple(message.draft_vocab_bytes) or None, info),
+        messages=decode_messages(message.messages),
     )
 
 
 def encode_session_info(info: SessionInfo) -> pb.SessionOpened:
     return pb.SessionOpened(session_id=info.session_id, prompt_token_count=info.prompt_token_count,
                             target_model=info.target_model,
-                            shared_draft_ids=_check_ids("shared_draft_ids", info.shared_draft_ids))
+                            shared_draft_ids=_check_ids("shared_draft_ids", info.shared_draft_ids),
+                            rendered_prompt=info.rendered_prompt)
 
 
 def decode_session_info(message: pb.SessionOpened) -> SessionInfo:
     return SessionInfo(session_id=message.session_id, prompt_token_count=message.prompt_token_count,
-                       target_model=message.target_model, shared_draft_ids=tuple(message.shared_draft_ids))
+                       target_model=message.target_model, shared_draft_ids=tuple(message.shared_draft_ids),
+                       rendered_prompt=message.rendered_prompt)
 
 
 def encode_round(served: ServedRound) -> pb.RoundResult:
@@ -261,22 +291,23 @@ def decode_round(result: pb.RoundResult) -> ServedRound:
 
 def encode_generation_request(request: GenerationRequest) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt=request.prompt, decoding=encode_decoding(request.config),
-                              max_new_tokens=_check_range("max_new_tokens", request.max_new_tokens, UINT32_MAX))
+                              max_new_tokens=_check_range("max_new_tokens", request.max_new_tokens, UINT32_MAX),
+                              messages=encode_messages(request.messages))
 
 
 def decode_generation_request(message: pb.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(prompt=message.prompt, config=decode_decoding(message.decoding),
-                             max_new_tokens=message.max_new_tokens)
+                             max_new_tokens=message.max_new_tokens, messages=decode_messages(message.messages))
 
 
 def encode_generated_step(step: GeneratedStep) -> pb.GenerateResponse:
     return pb.GenerateResponse(token_ids=_check_ids("token_ids", step.token_ids), token_bytes=step.token_bytes,
                                finished=step.finished,
                                finish_reason=_finish_reason_to_wire(step.finish_reason, step.finished),
-                               prompt_token_count=step.prompt_token_count)
+                               prompt_token_count=step.prompt_token_count, rendered_prompt=step.rendered_prompt)
 
 
 def decode_generated_step(message: pb.GenerateResponse) -> GeneratedStep:
     return GeneratedStep(token_ids=tuple(message.token_ids), token_bytes=message.token_bytes,
                          finish_reason=_finish_reason_from_wire(message.finish_reason, message.finished),
-                         prompt_token_count=message.prompt_token_count)
+                         prompt_token_count=message.prompt_token_count, rendered_prompt=message.rendered_prompt)

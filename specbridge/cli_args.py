@@ -72,3 +72,22 @@ def config_from_arguments(config_type: type[Config], namespace: argparse.Namespa
             value = kind(value)
         values[item.name] = value
     return config_type(**values)
+
+
+def config_arguments(config: object) -> list[str]:
+    """The flags that reproduce `config` (the inverse of `config_from_arguments`), e.g. to start a child process."""
+    arguments = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        flag = "--" + item.name.replace("_", "-")
+        if not item.init or item.metadata.get("cli") is False or value is None:  # an unset optional flag keeps its default
+            continue
+        if isinstance(value, bool):
+            arguments.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, enum.Enum):
+            arguments += [flag, str(value.value)]
+        elif isinstance(value, tuple):
+            arguments += [flag, ",".join(map(str, value))]
+        else:
+            arguments += [flag, str(value)]
+    return arguments

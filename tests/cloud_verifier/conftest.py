@@ -35,16 +35,19 @@ class ServedPair:
     target_hf_dir: Path
     target: TargetModel  # the same weights in this process, for reference generate()
     vocab: Vocab
-    _references: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    _references: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return list(self.vocab.tokenizer(prompt)["input_ids"])
 
     def reference(self, prompt: str, max_new_tokens: int) -> list[int]:
         """The target's own greedy continuation, as Hugging Face generate() produces it."""
-        key = (prompt, max_new_tokens)
+        return self.reference_for_ids(self.prompt_ids(prompt), max_new_tokens)
+
+    def reference_for_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(prompt_ids), max_new_tokens)
         if key not in self._references:
-            inputs = torch.tensor([self.prompt_ids(prompt)])
+            inputs = torch.tensor([prompt_ids])
             with torch.inference_mode():
                 output = self.target.model.generate(inputs, attention_mask=torch.ones_like(inputs),
                                                     max_new_tokens=max_new_tokens, do_sample=False)

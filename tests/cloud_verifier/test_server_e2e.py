@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cloud_verifier.server import ServeConfig, start_server
+from cloud_verifier.server import ServeConfig, ServeConfigError, start_server
 from edge_client.client import EdgeClientError, VerifierClient
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 from shared.proposal import DraftProposal, DraftToken
@@ -108,6 +108,7 @@ def test_concurrent_sessions_are_lossless_and_share_forwards(served_pair: Served
     assert rows / forwards > 1.5, f"{rows} rows in {forwards} forwards"
     assert after.sessions_opened - before.sessions_opened == len(results)
     assert after.committed_tokens - before.committed_tokens == sum(len(r.target_token_ids) for r in results)
+    assert after.busy_ms > before.busy_ms
 
 
 def test_generate_equals_target_generate(served_pair: ServedPair) -> None:
@@ -286,6 +287,12 @@ def test_edge_cli_with_unreachable_server_fails_in_one_line(tiny_pair) -> None:
                             "--prompt", "hello")
     assert completed.returncode == 2
     assert completed.stderr.strip() == f"specbridge: error: cannot reach verifier at 127.0.0.1:{port} (UNAVAILABLE)"
+
+
+def test_threads_must_be_at_least_one() -> None:
+    assert ServeConfig(target="t", threads=1).threads == 1 and ServeConfig(target="t").threads is None
+    with pytest.raises(ServeConfigError, match="--threads must be >= 1"):
+        ServeConfig(target="t", threads=0)
 
 
 def test_in_process_server_picks_a_free_port_and_stops(tiny_pair) -> None:

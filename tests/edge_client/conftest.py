@@ -1,8 +1,11 @@
-"""Tiny random-weight causal LMs, exported once per session, for the draft runtime tests."""
+"""Tiny random-weight causal LMs, exported once per session, for the draft runtime tests; and tiny pairs served by
+`specbridge serve` in child processes, for the edge's API, CLI and OpenAI-compatible server."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from cloud_verifier.launcher import VerifierProcess
+from cloud_verifier.server import ServeConfig
 from specbridge.export import ExportReport, export_draft
+from specbridge.loading import load_target
+from tests.cloud_verifier.conftest import ServedPair
 
 VOCAB_SIZE = 1000
 EOS_ID = 1
@@ -106,3 +113,48 @@ def tiny_draft(request: pytest.FixtureRequest, draft_factory: Callable[[str], Ti
 @pytest.fixture(scope="session")
 def gpt2_draft(draft_factory: Callable[[str], TinyDraft]) -> TinyDraft:
     return draft_factory("gpt2")
+
+
+SERVED_PAIR = "tiny-gpt2-mistral"  # a byte-level BPE draft under a SentencePiece target
+# A chat template in the style of real ones: the target's BOS and EOS as text, which the verifier must tokenize as the
+# special tokens they are (and the draft, with another vocabulary, as plain text).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def with_chat_template(target_dir: Path, out_dir: Path) -> Path:
+    """A copy of a model directory whose tokenizer has CHAT_TEMPLATE."""
+    shutil.copytree(target_dir, out_dir)
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def _served(name: str, draft_dir: Path, target_dir: Path) -> Iterator[ServedPair]:
+    target, vocab = load_target(target_dir, dtype=torch.float64)
+    with VerifierProcess(ServeConfig(target=str(target_dir), port=0, dtype="float64")) as verifier:
+        yield ServedPair(name, verifier.address, draft_dir, target_dir, target, vocab)
+
+
+@pytest.fixture(scope="session")
+def chat_served(tiny_pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedPair]:
+    """The tiny pair's target, given a chat template, served in float64 (greedy output is exact)."""
+    pair = tiny_pair(SERVED_PAIR)
+    target_dir = with_chat_template(pair.target_hf_dir, tmp_path_factory.mktemp("chat-target") / "hf")
+    yield from _served(SERVED_PAIR + "-chat", Path(pair.draft_onnx_dir), target_dir)
+
+
+@pytest.fixture(scope="session")
+def plain_served(tiny_pair) -> Iterator[ServedPair]:
+    """The tiny pair as built: its target has no chat template."""
+    pair = tiny_pair(SERVED_PAIR)
+    yield from _served(SERVED_PAIR, Path(pair.draft_onnx_dir), Path(pair.target_hf_dir))
+
+
+@pytest.fixture(scope="session")
+def same_served(tiny_pair) -> Iterator[ServedPair]:
+    """The control pair: the draft is the target's own weights, so nearly every draft token is accepted."""
+    pair = tiny_pair("tiny-same-gpt2")
+    yield from _served("tiny-same-gpt2", Path(pair.draft_onnx_dir), Path(pair.target_hf_dir))

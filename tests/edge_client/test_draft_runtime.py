@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,19 @@ def test_reset_starts_a_fresh_context(gpt2_draft: TinyDraft) -> None:
     runtime.reset()
     assert runtime.num_cached == 0
     np.testing.assert_array_equal(runtime.feed([5, 6, 7]), first)
+
+
+def test_forks_share_the_weights_and_run_concurrently_on_their_own_caches(gpt2_draft: TinyDraft) -> None:
+    runtime = DraftRuntime.load(gpt2_draft.onnx_dir, threads=1)
+    forks = [runtime.fork() for _ in range(4)]
+    assert all(fork._session is runtime._session for fork in forks)  # one InferenceSession: weights loaded once
+    contexts = [np.random.default_rng(seed).integers(0, runtime.vocab_size, size=24) for seed in range(len(forks))]
+    expected = [feed_singly(DraftRuntime.load(gpt2_draft.onnx_dir, threads=1), context) for context in contexts]
+    with ThreadPoolExecutor(len(forks)) as pool:
+        logits = list(pool.map(feed_singly, forks, contexts))
+    for got, want in zip(logits, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert runtime.num_cached == 0 and all(fork.num_cached == 24 for fork in forks)
 
 
 def test_int8_variant_runs_and_mostly_agrees(tiny_draft: TinyDraft) -> None:

@@ -38,3 +38,13 @@ def test_edge_modules_run_without_torch(gpt2_draft: TinyDraft) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4"
+
+
+def test_the_edge_api_cli_and_http_server_import_without_torch() -> None:
+    script = ("import sys\nsys.modules['torch'] = None\n"
+              "import specbridge, edge_client.api, edge_client.cli, edge_client.openai_server, edge_client.launcher\n"
+              "assert callable(specbridge.connect)\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

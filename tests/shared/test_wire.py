@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig, DecodingConfigError
 from shared.proposal import DraftProposal, DraftToken, RoundOutcome
 from shared.wire import (
+    ChatMessage,
     DraftTokenizerInfo,
     FinishReason,
     GeneratedStep,
@@ -66,11 +67,32 @@ def test_session_request_round_trip() -> None:
     plain = SessionRequest(prompt="x", config=DecodingConfig(), max_new_tokens=1,
                            draft_tokenizer=DraftTokenizerInfo("d", "sentencepiece", 100))
     assert decode_session_request(through_bytes(encode_session_request(plain))) == plain
+    chat = SessionRequest(prompt="", config=DecodingConfig(), max_new_tokens=5,
+                          draft_tokenizer=DraftTokenizerInfo("d", "sentencepiece", 100),
+                          messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "héllo\n東京 ")))
+    assert decode_session_request(through_bytes(encode_session_request(chat))) == chat
 
 
-def test_session_info_round_trip() -> None:
-    info = SessionInfo(session_id="abc", prompt_token_count=7, target_model="gemma", shared_draft_ids=(1, 9))
+@pytest.mark.parametrize("info", [
+    SessionInfo(session_id="abc", prompt_token_count=7, target_model="gemma", shared_draft_ids=(1, 9)),
+    SessionInfo(session_id="abc", prompt_token_count=7, target_model="gemma", rendered_prompt="<s>[user]\nhi\n"),
+])
+def test_session_info_round_trip(info: SessionInfo) -> None:
     assert decode_session_info(through_bytes(encode_session_info(info))) == info
+
+
+def test_a_revision_1_peer_reads_as_no_chat() -> None:
+    """Revision-1 messages lack the chat fields: they decode as a plain prompt and an unrendered session."""
+    opened = pb.SessionOpened(session_id="s", prompt_token_count=3, target_model="t")
+    assert decode_session_info(through_bytes(opened)).rendered_prompt == ""
+    request = pb.GenerateRequest(prompt="x", decoding=encode_decoding(DecodingConfig()), max_new_tokens=2)
+    assert decode_generation_request(through_bytes(request)).messages == ()
+
+
+def test_a_chat_message_needs_a_role() -> None:
+    message = pb.OpenSession(decoding=encode_decoding(DecodingConfig()), messages=[pb.ChatMessage(content="hi")])
+    with pytest.raises(WireFormatError, match="chat message 0 has no role"):
+        decode_session_request(message)
 
 
 @pytest.mark.parametrize("served", [
@@ -86,8 +108,14 @@ def test_round_round_trip(served: ServedRound) -> None:
 def test_generation_round_trips() -> None:
     request = GenerationRequest(prompt="def f():", config=DecodingConfig(), max_new_tokens=9)
     assert decode_generation_request(through_bytes(encode_generation_request(request))) == request
+    chat = GenerationRequest(prompt="", config=DecodingConfig(), max_new_tokens=9, messages=(ChatMessage("user", "hi"),))
+    assert decode_generation_request(through_bytes(encode_generation_request(chat))) == chat
     step = GeneratedStep(token_ids=(3,), token_bytes=b"\xf0\x9f", finish_reason=FinishReason.EOS, prompt_token_count=4)
     assert decode_generated_step(through_bytes(encode_generated_step(step))) == step
+    first = GeneratedStep(token_ids=(3,), token_bytes=b"a", finish_reason=None, prompt_token_count=4, rendered_prompt="p")
+    assert decode_generated_step(through_bytes(encode_generated_step(first))) == first
+    stopped = GeneratedStep(token_ids=(3,), token_bytes=b"a", finish_reason=FinishReason.STOP, prompt_token_count=4)
+    assert decode_generated_step(through_bytes(encode_generated_step(stopped))) == stopped
 
 
 @pytest.mark.parametrize("probability", [-0.1, 1.5, math.nan, math.inf])

@@ -13,8 +13,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", [["models", "prepare"], ["models", "measure"], ["export-draft"], ["demo"], ["serve"],
-                                     ["edge"], ["generate"], ["bench", "draft"], ["bench", "acceptance"],
-                                     ["bench", "throughput"]])
+                                     ["edge"], ["edge", "serve"], ["generate"], ["bench", "draft"],
+                                     ["bench", "acceptance"], ["bench", "throughput"], ["bench", "http-overhead"]])
 def test_every_subcommand_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -28,7 +28,13 @@ def test_every_subcommand_has_help(command: list[str], capsys: pytest.CaptureFix
 @pytest.mark.parametrize(("args", "message"), [
     (["export-draft", "--model", "/no/such/dir", "--out", "/tmp/x"], "model directory not found"),
     (["edge", "--server", "nohost", "--draft", "/no/such", "--prompt", "hi"], "--server must be HOST:PORT"),
+    (["edge", "--draft", "/no/such", "--prompt", "hi", "--draft-len", "many"], "--draft-len must be 'auto' or a number"),
+    (["edge", "--draft", "/no/such", "--prompt", "hi", "--draft-len", "0"], "--draft-len must be 'auto' or a number"),
     (["generate", "--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
+    (["generate"], "give the prompt once: --prompt TEXT, --prompt - (standard input) or --prompt-file PATH"),
+    (["edge", "--draft", "/no/such", "--prompt-file", "/no/such/prompt.txt"], "/no/such/prompt.txt"),
+    (["edge", "serve", "--draft", "/no/such", "--port", "70000"], "--port must lie in"),
+    (["edge", "serve", "--draft", "/no/such", "--api-key-file", "/dev/null"], "/dev/null holds no API key"),
     (["serve", "--target", "/no/such/model", "--port", "70000"], "--port must lie in"),
     (["bench", "acceptance", "--mode", "fast"], "--mode must be one of"),
     (["models", "prepare", "--pair", "no-such-pair"], "no-such-pair"),
@@ -42,7 +48,7 @@ def test_user_mistakes_give_one_line_and_exit_2(args: list[str], message: str) -
 
 
 def test_bad_flag_value_is_an_argparse_error() -> None:
-    result = _run("edge", "--prompt", "hi", "--draft", "d", "--draft-len", "many")
+    result = _run("edge", "--prompt", "hi", "--draft", "d", "--max-new-tokens", "many")
     assert result.returncode == 2
     assert "invalid int value" in result.stderr and "Traceback" not in result.stderr
 
@@ -53,3 +59,10 @@ def test_unreachable_server_is_one_line(tiny_pair) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("specbridge: error:")
     assert "Traceback" not in result.stderr
+
+
+def test_edge_serve_without_a_verifier_is_one_line(tiny_pair) -> None:
+    pair = tiny_pair("tiny-gpt2-mistral")
+    result = _run("edge", "serve", "--server", "127.0.0.1:9", "--draft", str(pair.draft_onnx_dir), "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "specbridge: error: cannot reach verifier at 127.0.0.1:9 (UNAVAILABLE)"
