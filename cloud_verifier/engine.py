@@ -19,9 +19,9 @@ from cloud_verifier.session_registry import SessionRegistry
 from cloud_verifier.target import TargetModel
 from cloud_verifier.transfer import shared_vocabulary_map
 from shared.decoding import DecodingConfig
-from shared.proposal import DraftProposal, RoundOutcome
+from shared.proposal import DraftProposal
 from shared.vocab import Vocab
-from shared.wire import ChatMessage, FinishReason, GeneratedStep, GenerationRequest, ServedRound, SessionRequest
+from shared.wire import ChatMessage, GeneratedStep, GenerationRequest, ServedRound, SessionRequest
 
 TARGET_STEP = DraftProposal(tokens=())
 
@@ -81,18 +81,12 @@ class VerifierEngine:
         """One round; `verify_ms` is the verifier's own time on it: plan, queueing, forward and decision."""
         started = time.perf_counter()
         outcome = await self.scheduler.submit(session, session.plan(proposal))
-        return ServedRound(outcome=outcome, accepted_bytes=self.vocab.decode_bytes(outcome.accepted_ids),
-                           finish_reason=self._finish_reason(outcome), verify_ms=(time.perf_counter() - started) * 1e3)
+        return session.served(outcome, verify_ms=(time.perf_counter() - started) * 1e3)
 
     async def generate_step(self, session: VerifierSession) -> GeneratedStep:
         outcome = await self.scheduler.submit(session, session.plan(TARGET_STEP))
         return GeneratedStep(token_ids=outcome.new_ids, token_bytes=outcome.committed_bytes,
-                             finish_reason=self._finish_reason(outcome), prompt_token_count=session.prompt_length)
-
-    def _finish_reason(self, outcome: RoundOutcome) -> FinishReason | None:
-        if not outcome.finished:
-            return None
-        return FinishReason.EOS if any(i in self.vocab.eos_ids for i in outcome.new_ids) else FinishReason.LENGTH
+                             finish_reason=session.finish_reason(outcome), prompt_token_count=session.prompt_length)
 
     def close(self) -> None:
         self.scheduler.close()

@@ -25,6 +25,7 @@ from shared.proposal import DraftProposal, RoundOutcome
 from shared.retokenize import retokenize
 from shared.utf8 import incomplete_tail_length
 from shared.vocab import Vocab
+from shared.wire import FinishReason, ServedRound
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,17 @@ class VerifierSession:
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    def finish_reason(self, outcome: RoundOutcome) -> FinishReason | None:
+        """Why the session ended with this round; None while it goes on."""
+        if not outcome.finished:
+            return None
+        return FinishReason.EOS if any(i in self.vocab.eos_ids for i in outcome.new_ids) else FinishReason.LENGTH
+
+    def served(self, outcome: RoundOutcome, verify_ms: float) -> ServedRound:
+        """The round as it is answered to the edge, wherever the edge is."""
+        return ServedRound(outcome=outcome, accepted_bytes=self.vocab.decode_bytes(outcome.accepted_ids),
+                           finish_reason=self.finish_reason(outcome), verify_ms=verify_ms)
 
     def commit(self, planned: PlannedRound, verdict: Verdict) -> RoundOutcome:
         accepted = planned.proxy_ids[: verdict.accepted]

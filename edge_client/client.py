@@ -21,7 +21,7 @@ from edge_client.committed_text import CommittedText, Origin, TextPiece, cut_at_
 from edge_client.draft_runtime import DraftRuntime
 from edge_client.draft_length import DraftLengthPolicy
 from edge_client.drafter import Drafter
-from edge_client.speculation import RoundRecord, SpeculationSettings, run_speculation
+from edge_client.speculation import RoundRecord, RoundsView, SpeculationSettings, run_speculation
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 from shared.proposal import DraftProposal
 from shared.vocab import Vocab
@@ -86,7 +86,7 @@ def load_edge_draft(onnx_dir: str | Path, *, variant: str = "fp32", threads: int
 
 
 @dataclass(frozen=True)
-class ClientResult:
+class ClientResult(RoundsView):
     """One generation as the edge saw it. Per-response lists cover this call only."""
 
     output_bytes: bytes  # the whole output, resumed part included
@@ -108,22 +108,6 @@ class ClientResult:
     @property
     def rounds(self) -> int:
         return len(self.arrival_ms)
-
-    @property
-    def accepted_per_round(self) -> tuple[int, ...]:
-        return tuple(record.accepted_count for record in self.speculation_rounds)
-
-    @property
-    def proposed_per_round(self) -> tuple[int, ...]:
-        return tuple(record.proposed_count for record in self.speculation_rounds)
-
-    @property
-    def draft_ms_per_round(self) -> tuple[float, ...]:
-        return tuple(record.draft_ms for record in self.speculation_rounds)
-
-    @property
-    def round_trip_ms(self) -> tuple[float, ...]:
-        return tuple(record.round_trip_ms for record in self.speculation_rounds)
 
     @property
     def accepted_prediction_tokens(self) -> int:

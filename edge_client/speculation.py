@@ -51,6 +51,34 @@ class RoundRecord:
     ahead_survived: int  # drafted tokens that continue the committed text into the next proposal
 
 
+class RoundsView:
+    """Per-round figures of a result that holds its `speculation_rounds` (the client's and the in-process loop's)."""
+
+    speculation_rounds: tuple[RoundRecord, ...]
+
+    @property
+    def accepted_per_round(self) -> tuple[int, ...]:
+        """Proposed target tokens the target accepted, each round."""
+        return tuple(record.accepted_count for record in self.speculation_rounds)
+
+    @property
+    def proposed_per_round(self) -> tuple[int, ...]:
+        """Target tokens the draft became, each round."""
+        return tuple(record.proposed_count for record in self.speculation_rounds)
+
+    @property
+    def draft_tokens_per_round(self) -> tuple[int, ...]:
+        return tuple(record.draft_len for record in self.speculation_rounds)
+
+    @property
+    def draft_ms_per_round(self) -> tuple[float, ...]:
+        return tuple(record.draft_ms for record in self.speculation_rounds)
+
+    @property
+    def round_trip_ms(self) -> tuple[float, ...]:
+        return tuple(record.round_trip_ms for record in self.speculation_rounds)
+
+
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
 

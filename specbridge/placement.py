@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class PlacementError(ValueError):
@@ -61,3 +61,18 @@ class Placement:
 
 def _cpu_list(cpus: tuple[int, ...]) -> str:
     return ",".join(str(cpu) for cpu in cpus)
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    """The CPU-set flags of every benchmark that runs both sides on this machine (a config base class)."""
+
+    verifier_cpus: tuple[int, ...] = field(default=(0,), metadata={"help": "CPUs the verifier process is pinned to"})
+    edge_cpus: tuple[int, ...] = field(default=(1,), metadata={"help": "CPUs the edge side (this process) is pinned to"})
+
+    def __post_init__(self) -> None:
+        self.placement  # validates the CPU sets (PlacementError, a one-line user error)
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(verifier_cpus=self.verifier_cpus, edge_cpus=self.edge_cpus)

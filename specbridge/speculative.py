@@ -21,15 +21,15 @@ from cloud_verifier.session import VerifierSession
 from cloud_verifier.target import RowCache
 from edge_client.draft_length import DraftLengthPolicy
 from edge_client.drafter import Drafter
-from edge_client.speculation import RoundRecord, SpeculationSettings, run_speculation
+from edge_client.speculation import RoundRecord, RoundsView, SpeculationSettings, run_speculation
 from shared.decoding import DecodingConfig
 from shared.proposal import DraftProposal
 from shared.vocab import Vocab
-from shared.wire import FinishReason, ServedRound
+from shared.wire import ServedRound
 
 
 @dataclass(frozen=True)
-class GenerationResult:
+class GenerationResult(RoundsView):
     prompt_ids: tuple[int, ...]
     target_token_ids: tuple[int, ...]  # the new target ids, in order (EOS included if generated)
     output_bytes: bytes
@@ -49,20 +49,6 @@ class GenerationResult:
     @property
     def target_forwards(self) -> int:
         return self.rounds  # one forward per round, in-process
-
-    @property
-    def proposed_per_round(self) -> tuple[int, ...]:
-        """Proxy target tokens proposed each round."""
-        return tuple(record.proposed_count for record in self.speculation_rounds)
-
-    @property
-    def accepted_per_round(self) -> tuple[int, ...]:
-        """Of those, how many the target accepted."""
-        return tuple(record.accepted_count for record in self.speculation_rounds)
-
-    @property
-    def draft_tokens_per_round(self) -> tuple[int, ...]:
-        return tuple(record.draft_len for record in self.speculation_rounds)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -110,11 +96,7 @@ async def speculative_generate_async(drafter: Drafter, target: TargetForward, ta
         plan_us.append((time.perf_counter() - verify_started) * 1e6)
         align_us.append(planned.align_us)
         outcome = session.decide(planned, target.forward([(session.cache, planned.feed_ids)])[0])
-        finish_reason = None
-        if outcome.finished:
-            finish_reason = FinishReason.EOS if any(i in target_vocab.eos_ids for i in outcome.new_ids) else FinishReason.LENGTH
-        return ServedRound(outcome=outcome, accepted_bytes=target_vocab.decode_bytes(outcome.accepted_ids),
-                           finish_reason=finish_reason, verify_ms=(time.perf_counter() - verify_started) * 1e3)
+        return session.served(outcome, verify_ms=(time.perf_counter() - verify_started) * 1e3)
 
     async def verify(proposal: DraftProposal) -> ServedRound:
         return await asyncio.to_thread(verify_now, proposal)

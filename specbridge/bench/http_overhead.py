@@ -14,7 +14,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,7 +23,8 @@ from edge_client.api import Edge, Generation
 from edge_client.launcher import EdgeServeProcess
 from edge_client.openai_server import EdgeServeConfig
 from shared.event_loop import run
-from specbridge.placement import Placement
+from specbridge.bench.report import save_report
+from specbridge.placement import PlacementSettings
 
 BARE = "bare_api"
 HTTP = "http"
@@ -38,25 +38,19 @@ class HttpOverheadBenchConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class HttpOverheadBenchConfig:
+class HttpOverheadBenchConfig(PlacementSettings):
     pair: str = field(default="smollm2-gemma3", metadata={"help": "model pair (see `specbridge models list`)"})
     prompts: int = field(default=4, metadata={"help": "held-out prompts, each measured every way"})
     max_new_tokens: int = field(default=24, metadata={"help": "target tokens per request"})
     draft_len: int = field(default=4, metadata={"help": "draft tokens per round (fixed, so every way runs the same rounds)"})
     repeats: int = field(default=5, metadata={"help": "requests per prompt and way (the median is reported)"})
-    verifier_cpus: tuple[int, ...] = field(default=(0,), metadata={"help": "CPUs the verifier process is pinned to"})
-    edge_cpus: tuple[int, ...] = field(default=(1,), metadata={"help": "CPUs the edge (this process, edge serve) is pinned to"})
     json: str = field(default="results/http_overhead.json", metadata={"help": "write results here"})
 
     def __post_init__(self) -> None:
         for name in ("prompts", "max_new_tokens", "draft_len", "repeats"):
             if getattr(self, name) < 1:
                 raise HttpOverheadBenchConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        self.placement  # validates the CPU sets (PlacementError)
-
-    @property
-    def placement(self) -> Placement:
-        return Placement(verifier_cpus=self.verifier_cpus, edge_cpus=self.edge_cpus)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -156,10 +150,7 @@ def run_http_overhead_bench(config: HttpOverheadBenchConfig) -> dict:
     report = {"pair": config.pair, "placement": placement.describe(), "note": note, "config": asdict(config),
               **summarize(timings)}
     _print_table(report)
-    out = Path(config.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"[http-overhead] wrote {out}", file=sys.stderr)
+    save_report(report, "http-overhead", config.json)
     return report
 
 

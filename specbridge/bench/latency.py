@@ -9,7 +9,6 @@ paired by prompt and repeat. The report (table, cost model, JSON, plots) is in l
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import threading
 import time
@@ -17,7 +16,6 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 import uvloop
 from tqdm import tqdm
@@ -28,7 +26,8 @@ from edge_client.drafter import Drafter
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 from shared.wire import SessionRequest, encode_session_request
 from specbridge.netsim import PROFILES, DelayProxy
-from specbridge.placement import Placement
+from specbridge.bench.report import save_report
+from specbridge.placement import PlacementSettings
 
 GREEDY = DecodingConfig()
 WARMUP_TOKENS = 8
@@ -66,7 +65,7 @@ class PromptSet(StrEnum):
 
 
 @dataclass(frozen=True)
-class LatencyBenchConfig:
+class LatencyBenchConfig(PlacementSettings):
     pair: str = field(default="smollm2-gemma3", metadata={"help": "model pair (see `specbridge models list`)"})
     profiles: str = field(default="lan,wifi,4g,cross-region",
                           metadata={"help": "network profiles, comma-separated: " + ", ".join(PROFILES)})
@@ -78,8 +77,6 @@ class LatencyBenchConfig:
     draft_len: int = field(default=6, metadata={"help": "the fixed draft length of the speculative and ahead_fixed modes"})
     edge_variant: Variant = field(default=Variant.FP32, metadata={"help": "draft weights: fp32 (laptop) or int8 (phone class)"})
     server: str | None = field(default=None, metadata={"help": "use this running verifier HOST:PORT instead of starting one"})
-    verifier_cpus: tuple[int, ...] = field(default=(0,), metadata={"help": "CPUs the verifier process is pinned to"})
-    edge_cpus: tuple[int, ...] = field(default=(1,), metadata={"help": "CPUs this process (the edge) is pinned to"})
     seed: int = field(default=0, metadata={"help": "seed of the proxies' jitter"})
     json: str = field(default="results/latency.json", metadata={"help": "write results here"})
     plot: str = field(default="results/latency.png", metadata={"help": "draw the plots here (from the JSON)"})
@@ -97,7 +94,7 @@ class LatencyBenchConfig:
             raise LatencyBenchConfigError(f"--modes must name some of {', '.join(Mode)}; got {self.modes!r}") from None
         if not modes:
             raise LatencyBenchConfigError("--modes names no mode")
-        self.placement  # validates the CPU sets
+        super().__post_init__()
 
     @property
     def profile_names(self) -> list[str]:
@@ -108,13 +105,6 @@ class LatencyBenchConfig:
         # cloud_only is the baseline every ratio needs: it always runs, first.
         named = [Mode(name.strip()) for name in self.modes.split(",") if name.strip()]
         return [Mode.CLOUD_ONLY] + [mode for mode in named if mode is not Mode.CLOUD_ONLY]
-
-    @property
-    def placement(self) -> Placement:
-        try:
-            return Placement(verifier_cpus=self.verifier_cpus, edge_cpus=self.edge_cpus)
-        except ValueError as error:
-            raise LatencyBenchConfigError(str(error)) from None
 
 
 def choose_prompts(prompt_set: PromptSet, count: int) -> list[str]:
@@ -284,11 +274,7 @@ def run_latency_bench(config: LatencyBenchConfig) -> dict:
               "uplink_by_rule": uplink_by_rule, "config": _jsonable(asdict(config)), "prompts": prompts, "runs": runs}
     report["summary"] = summarize(runs)
     print_latency_tables(report)
-    out = Path(config.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    plot_latency(report, Path(config.plot))
-    print(f"[latency] wrote {out} and {config.plot}", file=sys.stderr)
+    save_report(report, "latency", config.json, plot_latency, config.plot)
     return report
 
 

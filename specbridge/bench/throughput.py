@@ -8,7 +8,6 @@ clients; prints a table, writes JSON and draws the plot from that JSON.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,8 @@ from cloud_verifier.launcher import VerifierProcess
 from cloud_verifier.server import ServeConfig
 from edge_client.client import ClientResult, EdgeDraft, VerifierClient, load_edge_draft
 from shared.decoding import DecodingConfig
-from specbridge.placement import Placement
+from specbridge.bench.report import save_report
+from specbridge.placement import PlacementSettings
 from specbridge.v1 import specbridge_pb2 as pb
 
 SPECULATIVE = "speculative"
@@ -34,15 +34,13 @@ class ThroughputBenchConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ThroughputBenchConfig:
+class ThroughputBenchConfig(PlacementSettings):
     pair: str = field(default="smollm2-gemma3", metadata={"help": "model pair (see `specbridge models list`)"})
     clients: tuple[int, ...] = field(default=(1, 4, 16), metadata={"help": "concurrent client counts to measure"})
     prompts: int = field(default=16, metadata={"help": "held-out prompts per measurement, shared out among the clients"})
     max_new_tokens: int = field(default=32, metadata={"help": "target tokens per prompt"})
     draft_len: int = field(default=6, metadata={"help": "draft tokens per round"})
     repeats: int = field(default=1, metadata={"help": "runs per measurement, pooled"})
-    verifier_cpus: tuple[int, ...] = field(default=(0,), metadata={"help": "CPUs the verifier process is pinned to"})
-    edge_cpus: tuple[int, ...] = field(default=(1,), metadata={"help": "CPUs the edge clients (this process) are pinned to"})
     json: str = field(default="results/throughput.json", metadata={"help": "write results here"})
     plot: str = field(default="results/throughput.png", metadata={"help": "draw the plot here"})
 
@@ -52,14 +50,7 @@ class ThroughputBenchConfig:
         for name in ("prompts", "max_new_tokens", "draft_len", "repeats"):
             if getattr(self, name) < 1:
                 raise ThroughputBenchConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        self.placement  # validates the CPU sets
-
-    @property
-    def placement(self) -> Placement:
-        try:
-            return Placement(verifier_cpus=self.verifier_cpus, edge_cpus=self.edge_cpus)
-        except ValueError as error:
-            raise ThroughputBenchConfigError(str(error)) from None
+        super().__post_init__()
 
 
 def inter_token_ms(result: ClientResult) -> list[float]:
@@ -160,11 +151,7 @@ def run_throughput_bench(config: ThroughputBenchConfig) -> dict:
     report = {"pair": config.pair, "placement": placement.describe(), "note": note, "config": asdict(config),
               "results": results}
     _print_table(report)
-    out = Path(config.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    plot_throughput(report, Path(config.plot))
-    print(f"[throughput] wrote {out} and {config.plot}", file=sys.stderr)
+    save_report(report, "throughput", config.json, plot_throughput, config.plot)
     return report
 
 

@@ -8,7 +8,6 @@ m/2 or m are accepted, and the output head alone by rows; prints a table, writes
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from cloud_verifier.session import PlannedRound, VerifierSession, decide_togethe
 from cloud_verifier.target import RowCache, TargetModel
 from shared.decoding import DecodingConfig
 from shared.vocab import Vocab
+from specbridge.bench.report import save_report
 
 ALL_ROWS = "all_rows"  # the old behaviour: the head over every fed position, before the rules run
 LAZY = "lazy"
@@ -191,11 +191,7 @@ def run_verify_cost_bench(config: VerifyCostBenchConfig) -> dict:
                    for key in dict.fromkeys(timed.key for timed in rounds)],
     }
     _print_table(report)
-    out = Path(config.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    plot_verify_cost(report, Path(config.plot))
-    print(f"[verify-cost] wrote {out} and {config.plot}", file=sys.stderr)
+    save_report(report, "verify-cost", config.json, plot_verify_cost, config.plot)
     return report
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from specbridge.bench.latency import LatencyBenchConfig, LatencyBenchConfigError, Mode, run_latency_bench
 from specbridge.bench.latency_report import cost_model
+from specbridge.placement import PlacementError
 
 REQUIRED_KEYS = {"profile", "rtt_ms", "mode", "ttft_ms_p50", "total_ms_p50", "tokens_per_s", "mean_accepted_length",
                  "forwards_per_token", "uplink_bytes_per_round", "downlink_bytes_per_round", "ratio_vs_cloud_only"}
@@ -48,12 +49,12 @@ def test_cost_model_hides_drafting_only_on_surviving_rounds() -> None:
     assert cost_model("speculative_ahead", 10.0, 50.0, 4, 20.0, 0.5, 2.0) == pytest.approx((0.5 * 80 + 0.5 * 140) / 2)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"profiles": "moon"}, "--profiles must name"),
-    ({"modes": "fastest"}, "--modes must name"),
-    ({"prompts": 0}, "--prompts must be >= 1"),
-    ({"verifier_cpus": (0,), "edge_cpus": (0,)}, "must not share CPUs"),
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    ({"profiles": "moon"}, LatencyBenchConfigError, "--profiles must name"),
+    ({"modes": "fastest"}, LatencyBenchConfigError, "--modes must name"),
+    ({"prompts": 0}, LatencyBenchConfigError, "--prompts must be >= 1"),
+    ({"verifier_cpus": (0,), "edge_cpus": (0,)}, PlacementError, "must not share CPUs"),
 ])
-def test_bad_settings_are_one_line_errors(overrides: dict, message: str) -> None:
-    with pytest.raises(LatencyBenchConfigError, match=message):
+def test_bad_settings_are_one_line_errors(overrides: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
         LatencyBenchConfig(**overrides)
