@@ -73,7 +73,9 @@ def test_greedy_speculation_equals_target_generate(served_pair: ServedPair, edge
         mismatches = []
         async with VerifierClient(served_pair.address) as client:
             for index, prompt in enumerate(MIXED_PROMPTS):
-                result = await client.speculate(draft, prompt, GREEDY, max_new_tokens=MAX_NEW_TOKENS, draft_len=(1, 3, 6)[index % 3])
+                # Fixed lengths and the adaptive one (None), each with draft-ahead on and off.
+                result = await client.speculate(draft, prompt, GREEDY, max_new_tokens=MAX_NEW_TOKENS,
+                                                draft_len=(1, 3, 6, None)[index % 4], draft_ahead=index % 3 != 0)
                 if list(result.target_token_ids) != served_pair.reference(prompt, MAX_NEW_TOKENS):
                     mismatches.append(prompt)
                 assert result.output_bytes == served_pair.vocab.decode_bytes(result.target_token_ids)
