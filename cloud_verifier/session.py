@@ -79,7 +79,7 @@ class VerifierSession:
         return draft[: max(0, len(draft) - held_back)]
 
     def _proxy_ids(self, proposal: DraftProposal) -> list[int]:
-        if self.config.mode is DecodeMode.SAMPLE and self.config.rule is AcceptanceRule.DRAFT_PROBS:
+        if self.config.uses_draft_probs:
             by_bytes = self.vocab.id_by_bytes
             missing = [t.token_bytes for t in proposal.tokens if t.token_bytes not in by_bytes]
             if missing:

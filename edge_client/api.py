@@ -88,6 +88,7 @@ class DraftPool:
     def __init__(self, draft: EdgeDraft) -> None:
         self._template = draft
         self._idle: list[EdgeDraft] = []
+        self._made = 0
         self._forking = asyncio.Lock()
 
     @asynccontextmanager
@@ -97,6 +98,7 @@ class DraftPool:
         else:
             async with self._forking:
                 draft = await asyncio.to_thread(self._template.fork)
+                self._made += 1
         try:
             yield draft
         finally:
@@ -104,8 +106,8 @@ class DraftPool:
 
     @property
     def size(self) -> int:
-        """Drafts made so far (the most generations that ran at once)."""
-        return len(self._idle)
+        """Drafts made so far (the most generations that ran at once), leased or idle."""
+        return self._made
 
 
 class GenerationStream:

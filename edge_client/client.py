@@ -22,7 +22,7 @@ from edge_client.draft_runtime import DraftRuntime
 from edge_client.draft_length import DraftLengthPolicy
 from edge_client.drafter import Drafter
 from edge_client.speculation import RoundRecord, RoundsView, SpeculationSettings, run_speculation
-from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
+from shared.decoding import DecodingConfig
 from shared.proposal import DraftProposal
 from shared.vocab import Vocab
 from shared.wire import (
@@ -165,6 +165,15 @@ def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
+def session_request(draft: EdgeDraft, prompt: str, config: DecodingConfig, *, max_new_tokens: int,
+                    resume_target_ids: Sequence[int] = (), messages: Sequence[ChatMessage] = ()) -> SessionRequest:
+    """What opens a speculative session; the draft_probs rule also sends the draft vocabulary's bytes."""
+    return SessionRequest(prompt=prompt, config=config, max_new_tokens=max_new_tokens,
+                          draft_tokenizer=draft.tokenizer_info, resume_target_ids=tuple(resume_target_ids),
+                          draft_vocab_bytes=draft.vocab.token_bytes if config.uses_draft_probs else None,
+                          messages=tuple(messages))
+
+
 class VerifierClient:
     """A channel to one verifier; use as `async with VerifierClient("host:port") as client:`."""
 
@@ -201,11 +210,8 @@ class VerifierClient:
         rendered by the verifier and replace `prompt`; the session ends as soon as a `stop` sequence appears;
         resume_* continue a transcript an earlier call returned (ids and their bytes)."""
         settings = SpeculationSettings(draft_len=draft_len, policy=DraftLengthPolicy(draft_ahead=draft_ahead))
-        draft_probs = config.mode is DecodeMode.SAMPLE and config.rule is AcceptanceRule.DRAFT_PROBS
-        request = SessionRequest(prompt=prompt, config=config, max_new_tokens=max_new_tokens,
-                                 draft_tokenizer=draft.tokenizer_info, resume_target_ids=tuple(resume_target_ids),
-                                 draft_vocab_bytes=draft.vocab.token_bytes if draft_probs else None,
-                                 messages=tuple(messages))
+        request = session_request(draft, prompt, config, max_new_tokens=max_new_tokens,
+                                  resume_target_ids=resume_target_ids, messages=messages)
         transcript = _Transcript(started=time.perf_counter(), on_text=on_text, on_piece=on_piece,
                                  text=CommittedText(stop, shown=resume_bytes), output_bytes=resume_bytes,
                                  target_token_ids=list(resume_target_ids))
@@ -226,7 +232,7 @@ class VerifierClient:
             info = decode_session_info((await self._read(call, "opened")).opened)
             draft_prompt = self._rendered_prompt(prompt, messages, info.rendered_prompt)
             drafter = Drafter(draft.runtime, draft.vocab, top_k_size=top_k_size,
-                              shared_ids=info.shared_draft_ids if draft_probs else None)
+                              shared_ids=info.shared_draft_ids if config.uses_draft_probs else None)
             await asyncio.to_thread(_start_drafter, drafter, draft_prompt, config.seed, resume_bytes)
             last, records = await run_speculation(drafter, verify, config, settings)
             await call.done_writing()

@@ -18,15 +18,10 @@ import numpy as np
 
 from edge_client.draft_runtime import DraftRuntime
 from edge_client.sampling import sample_categorical, softmax, top_k
-from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
+from shared.decoding import DecodeMode, DecodingConfig
 from shared.proposal import DraftProposal, DraftToken
 from shared.retokenize import retokenize
 from shared.vocab import Vocab
-
-
-def rule_uses_draft_law(config: DecodingConfig) -> bool:
-    """Whether the verifier's acceptance rule reads the draft's top-k laws (greedy and point-mass do not)."""
-    return config.mode is DecodeMode.SAMPLE and config.rule is not AcceptanceRule.POINT_MASS
 
 
 class Drafter:
@@ -46,7 +41,7 @@ class Drafter:
         self._draft_eos = False  # the draft chose its EOS right after the last drafted token
         self._proposed = 0  # leading drafted tokens sent in the proposal awaiting its verdict
         self._seed = 0
-        self._resyncs = 0  # commits that rolled drafted tokens back
+        self._resyncs = 0  # commits that re-tokenized committed bytes no drafted token covered
         self._fed_ids: list[int] = []  # exactly what the KV cache holds
         self._next_logits: np.ndarray | None = None  # the draft's logits after _fed_ids
 
@@ -98,13 +93,13 @@ class Drafter:
 
     def _choose(self, logits: np.ndarray, config: DecodingConfig) -> tuple[int, DraftToken]:
         probs = softmax(logits, config.temperature if config.mode is DecodeMode.SAMPLE else 1.0)
-        if config.mode is DecodeMode.SAMPLE and config.rule is AcceptanceRule.DRAFT_PROBS:
+        if config.uses_draft_probs:
             if self.shared_mask is None:
                 raise ValueError("the draft_probs rule needs the shared-vocabulary ids")
             probs = np.where(self.shared_mask[: probs.shape[0]], probs, 0.0)
             probs[list(i for i in self.eos_ids if i < probs.shape[0])] = 0.0
         table = self.vocab.token_bytes
-        if not rule_uses_draft_law(config):
+        if not config.reads_draft_law:
             # Greedy, and the point-mass rule, whose acceptance sum_x r(x) p(x) is best served by the
             # draft's mode; neither reads a law, so none crosses the wire.
             chosen = int(np.argmax(probs))

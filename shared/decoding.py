@@ -44,3 +44,13 @@ class DecodingConfig:
             raise DecodingConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.mode is DecodeMode.GREEDY and self.rule is not AcceptanceRule.POINT_MASS:
             raise DecodingConfigError(f"acceptance rule {self.rule.value} applies to sampling only")
+
+    @property
+    def reads_draft_law(self) -> bool:
+        """Whether acceptance reads the draft's top-k laws (greedy and point-mass read the text only)."""
+        return self.rule is not AcceptanceRule.POINT_MASS  # greedy always carries POINT_MASS (checked above)
+
+    @property
+    def uses_draft_probs(self) -> bool:
+        """The DRAFT_PROBS rule: the draft samples over the shared vocabulary and sends that law."""
+        return self.rule is AcceptanceRule.DRAFT_PROBS

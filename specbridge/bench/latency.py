@@ -20,11 +20,11 @@ from enum import StrEnum
 import uvloop
 from tqdm import tqdm
 
-from edge_client.client import ClientResult, EdgeDraft, VerifierClient, load_edge_draft
+from edge_client.client import ClientResult, EdgeDraft, VerifierClient, load_edge_draft, session_request
 from edge_client.draft_runtime import Variant
 from edge_client.drafter import Drafter
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
-from shared.wire import SessionRequest, encode_session_request
+from shared.wire import encode_session_request
 from specbridge.netsim import PROFILES, DelayProxy
 from specbridge.bench.report import save_report
 from specbridge.placement import PlacementSettings
@@ -198,11 +198,8 @@ async def rule_uplink(address: str, draft: EdgeDraft, prompt: str, config: Laten
             uplink = proxy.uplink_bytes
             result = await client.speculate(draft, prompt, decoding, max_new_tokens=config.max_new_tokens,
                                             draft_len=config.draft_len, top_k_size=RULE_TOP_K)
-            draft_probs = decoding.mode is DecodeMode.SAMPLE and decoding.rule is AcceptanceRule.DRAFT_PROBS
-            opening = encode_session_request(SessionRequest(
-                prompt=prompt, config=decoding, max_new_tokens=config.max_new_tokens,
-                draft_tokenizer=draft.tokenizer_info,
-                draft_vocab_bytes=draft.vocab.token_bytes if draft_probs else None)).ByteSize()
+            opening = encode_session_request(session_request(draft, prompt, decoding,
+                                                             max_new_tokens=config.max_new_tokens)).ByteSize()
             rows.append({"rule": name, "top_k": RULE_TOP_K, "rounds": result.rounds,
                          "uplink_bytes_per_round": (proxy.uplink_bytes - uplink - opening) / result.rounds,
                          "opening_message_bytes": opening})
