@@ -49,6 +49,7 @@ def test_generate_stream_and_stats(chat_served: ServedPair) -> None:
             result = await edge.generate(Generation(prompt=PROMPT, max_tokens=16))
             async with edge.stream(Generation(prompt=PROMPT, max_tokens=16)) as stream:
                 pieces = [piece async for piece in stream]
+            await _wait_for_no_live_sessions(edge)  # the server frees a session as its call completes
             return result, pieces, stream.result, await edge.stats()
 
     result, pieces, streamed, stats = asyncio.run(scenario())
