@@ -8,7 +8,7 @@ STAMP := $(VENV)/.specbridge-installed
 # edge draft and the tests, spinning threads starve everything else.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install proto demo test test-fast models clean
+.PHONY: install system-packages proto demo test test-fast models clean
 
 install: $(STAMP)
 
@@ -19,7 +19,17 @@ $(STAMP): pyproject.toml proto/generate.py proto/specbridge/v1/specbridge.proto
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[edge,verifier,export,models,tokenizers,bench,dev]'
 	$(PY) proto/generate.py
+	@$(MAKE) --no-print-directory system-packages
 	@touch $(STAMP)
+
+# Debian's nginx: tests/deploy runs the real binary as the verifiers' gRPC load balancer. Never assumed present;
+# the package's own service is not used (each test starts nginx with its own prefix).
+system-packages:
+	@if test -x /usr/sbin/nginx || command -v nginx >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; \
+	elif sudo -n true 2>/dev/null; then sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; \
+	else echo "make: nginx is missing and neither root nor passwordless sudo can install it: skipped" \
+	  "(tests/deploy skip without it, and fail under CI=true); install it with: apt-get install nginx"; fi
 
 proto: install
 	$(PY) proto/generate.py

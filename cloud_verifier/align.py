@@ -31,6 +31,24 @@ class Alignment:
     cost: float  # sum of token_distance over the path
 
 
+class _BandedTable:
+    """DTW's cumulative costs, held only inside the band: row i keeps columns lows[i]..highs[i].
+
+    Memory and distance computations grow with (rows x band), never with rows x cols; a cell
+    outside the band reads as infinity, as it would in the full matrix.
+    """
+
+    def __init__(self, rows: int, cols: int, band: int) -> None:
+        self.lows = [0] + [max(1, i - band) for i in range(1, rows + 1)]
+        self.highs = [0] + [min(cols, i + band) for i in range(1, rows + 1)]
+        self.rows: list[list[float]] = [[0.0]]  # row 0 holds only the origin (0, 0)
+
+    def get(self, i: int, j: int) -> float:
+        low = self.lows[i]
+        row = self.rows[i]
+        return row[j - low] if low <= j < low + len(row) else _INFINITY
+
+
 def dtw_align(draft_tokens: Sequence[str], target_tokens: Sequence[str], window: int | None = 32) -> Alignment:
     """The minimum-cost monotone path between two token lists; steps are up, left or diagonal.
 
@@ -43,31 +61,33 @@ def dtw_align(draft_tokens: Sequence[str], target_tokens: Sequence[str], window:
     if rows == 0 or cols == 0:
         return Alignment(path=(), cost=0.0)
     band = max(rows, cols) if window is None else max(window, abs(rows - cols))
-    # One C call for the whole cost matrix; then a plain-list loop, because numpy's per-element
-    # indexing costs more than the ~100 cells of a round (measured: 21 us vs 62 us at length 8).
-    cost = cdist(
-        [_strip_space_markers(t) for t in draft_tokens],
-        [_strip_space_markers(t) for t in target_tokens],
-        scorer=Levenshtein.distance,
-    ).tolist()
-    # A border row and column of infinity give every cell the same three-way min.
-    total = [[_INFINITY] * (cols + 1) for _ in range(rows + 1)]
-    total[0][0] = 0
+    drafts = [_strip_space_markers(t) for t in draft_tokens]
+    targets = [_strip_space_markers(t) for t in target_tokens]
+    table = _BandedTable(rows, cols, band)
     for i in range(1, rows + 1):
-        above, here, cost_row = total[i - 1], total[i], cost[i - 1]
-        for j in range(max(1, i - band), min(cols, i + band) + 1):
-            diagonal, up, left = above[j - 1], above[j], here[j - 1]
+        low, high = table.lows[i], table.highs[i]
+        here = [_INFINITY] * (high - low + 1)
+        # One C call for the row's band of distances, then a plain-list loop (numpy's per-element
+        # indexing costs more than the few dozen cells of a round).
+        costs = cdist(drafts[i - 1 : i], targets[low - 1 : high], scorer=Levenshtein.distance)[0].tolist()
+        above, above_low = table.rows[i - 1], table.lows[i - 1]
+        for j in range(low, high + 1):
+            k = j - 1 - above_low
+            diagonal = above[k] if 0 <= k < len(above) else _INFINITY
+            up = above[k + 1] if 0 <= k + 1 < len(above) else _INFINITY
+            left = here[j - 1 - low] if j > low else _INFINITY
             best = diagonal if diagonal <= up and diagonal <= left else (up if up <= left else left)
-            here[j] = cost_row[j - 1] + best
-    return Alignment(path=_backtrack(total, rows, cols), cost=float(total[rows][cols]))
+            here[j - low] = costs[j - low] + best
+        table.rows.append(here)
+    return Alignment(path=_backtrack(table, rows, cols), cost=float(table.get(rows, cols)))
 
 
-def _backtrack(total: list[list[float]], rows: int, cols: int) -> tuple[tuple[int, int], ...]:
+def _backtrack(table: _BandedTable, rows: int, cols: int) -> tuple[tuple[int, int], ...]:
     """Walk back from the corner; ties go to the diagonal (one-to-one pairs first), then up."""
     i, j = rows, cols
     path = [(i - 1, j - 1)]
     while (i, j) != (1, 1):
-        diagonal, up, left = total[i - 1][j - 1], total[i - 1][j], total[i][j - 1]
+        diagonal, up, left = table.get(i - 1, j - 1), table.get(i - 1, j), table.get(i, j - 1)
         if diagonal <= up and diagonal <= left:
             i, j = i - 1, j - 1
         elif up <= left:

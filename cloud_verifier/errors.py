@@ -1,8 +1,14 @@
 """Exceptions of the verifier core; the gRPC layer maps each to one status code in one place."""
 
+from shared.errors import UserFacingError
 
-class VerifierError(Exception):
+
+class VerifierError(UserFacingError):
     """Base class: the message is one line, fit to show a user."""
+
+
+class ServeConfigError(VerifierError, ValueError):
+    """A serve setting out of its valid range."""
 
 
 class ProposalError(VerifierError, ValueError):
@@ -14,7 +20,14 @@ class SessionNotFoundError(VerifierError, LookupError):
 
 
 class CapacityError(VerifierError):
-    """The verifier holds as many sessions as it may (RESOURCE_EXHAUSTED)."""
+    """The verifier holds as many sessions as it may (RESOURCE_EXHAUSTED); a retry after `retry_after_ms` may find room."""
+
+    # Sessions last seconds: half a second lets a freed slot be taken soon without a storm of refused retries.
+    DEFAULT_RETRY_AFTER_MS = 500
+
+    def __init__(self, message: str, retry_after_ms: int = DEFAULT_RETRY_AFTER_MS) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class SessionFinishedError(VerifierError):
@@ -27,3 +40,19 @@ class NoChatTemplateError(VerifierError):
 
 class ChatMessagesError(VerifierError, ValueError):
     """Chat messages the target's chat template refuses to render (INVALID_ARGUMENT)."""
+
+
+class VerifierUnavailableError(VerifierError):
+    """The verifier cannot take this work now: draining for shutdown, or its batch worker stopped (UNAVAILABLE)."""
+
+
+class LimitExceededError(VerifierError):
+    """A request larger than one of this verifier's per-request limits; the message names the setting (RESOURCE_EXHAUSTED)."""
+
+
+class ContextLengthError(VerifierError):
+    """A prompt plus its output budget past the target model's positions (OUT_OF_RANGE)."""
+
+
+class IdleSessionError(VerifierError):
+    """A session that sent nothing for longer than the idle timeout (DEADLINE_EXCEEDED)."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from dataclasses import replace
 
+from cloud_verifier.logs import LogLevel
 from cloud_verifier.server import ServeConfig
 from shared.child_server import ChildServer, ChildServerError, specbridge_command
 from specbridge.cli_args import config_arguments
@@ -33,7 +35,10 @@ class VerifierProcess(ChildServer):
         # OpenMP workers that spin after each forward starve the server's event loop and any client sharing the
         # CPU: measured here, 250 ms stalls per step with 2 clients on 2 cores, none once they sleep instead.
         # The child's weight-loading bar says nothing to whoever runs a test, a benchmark or the demo.
-        super().__init__(specbridge_command("serve", *config_arguments(config)),
+        # Its per-session log lines would interleave with the output of whatever started it: warnings only,
+        # unless the config asks for another level.
+        logged = replace(config, log_level=LogLevel.WARNING) if config.log_level is LogLevel.INFO else config
+        super().__init__(specbridge_command("serve", *config_arguments(logged)),
                          environment={"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}, cpus=cpus,
                          ready_timeout_s=ready_timeout_s, stop_timeout_s=stop_timeout_s)
         self.config = config

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from cloud_verifier.align import draft_positions_per_target, dtw_align
-from cloud_verifier.errors import ProposalError, SessionFinishedError
+from cloud_verifier.errors import LimitExceededError, ProposalError, SessionFinishedError
 from cloud_verifier.lazy_head import LazyLogits, run_rules
-from cloud_verifier.target import RowCache
+from cloud_verifier.kv_cache import RowCache
 from cloud_verifier.transfer import transfer_top_k
 from cloud_verifier.verify import Rule, Verdict, greedy_rule, point_mass_rule, rejection_rule, warped_rule
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
@@ -41,16 +41,50 @@ class PlannedRound:
         return feed_logits.tail(len(self.proxy_ids) + 1)
 
 
+@dataclass(frozen=True)
+class ProposalLimits:
+    """What one proposal may cost the verifier: each bounds the CPU work of a round or the rows of its forward."""
+
+    max_draft_tokens: int = 16
+    max_token_bytes: int = 256  # bytes of one draft token or top-k alternative
+    max_top_k: int = 64  # alternatives per draft token
+    # Proxy target tokens per draft token: a draft token of odd bytes can re-tokenize into one target
+    # token per byte; the proposal is cut there (any prefix of a proposal verifies exactly).
+    max_proxy_per_draft_token: int = 4
+
+    def check(self, proposal: DraftProposal) -> None:
+        if len(proposal.tokens) > self.max_draft_tokens:
+            raise ProposalError(f"a proposal may hold at most {self.max_draft_tokens} draft tokens, got {len(proposal.tokens)}")
+        for position, token in enumerate(proposal.tokens):
+            if len(token.top_k) > self.max_top_k:
+                raise LimitExceededError(f"draft token {position} carries {len(token.top_k)} top-k alternatives; "
+                                         f"this verifier's limit is {self.max_top_k} (--max-top-k)")
+            longest = max([len(token.token_bytes)] + [len(data) for data, _ in token.top_k])
+            if longest > self.max_token_bytes:
+                raise LimitExceededError(f"draft token {position} holds a {longest}-byte token; "
+                                         f"this verifier's limit is {self.max_token_bytes} bytes (--max-token-bytes)")
+
+    def proxy_budget(self, proposal: DraftProposal) -> int:
+        """Most proxy tokens the proposal may become (its EOS included)."""
+        return self.max_proxy_per_draft_token * len(proposal.tokens) + int(proposal.ends_with_eos)
+
+
 class VerifierSession:
     def __init__(self, vocab: Vocab, prompt_ids: list[int], config: DecodingConfig, max_new_tokens: int,
-                 max_draft_tokens: int, align_window: int | None = 32, resume_ids: Sequence[int] = ()) -> None:
-        """`resume_ids`: output ids the client already holds (it owns the transcript); they count as generated."""
+                 limits: ProposalLimits, align_window: int | None = 32, resume_ids: Sequence[int] = (),
+                 embedding_rows: int | None = None) -> None:
+        """`resume_ids`: output ids the client already holds (it owns the transcript); they count as generated.
+
+        `embedding_rows`: the target's vocabulary size as its weights know it; a tokenizer may count more
+        (added tokens), and an id past the embedding must fail this session before it joins a forward.
+        """
         if not prompt_ids:
             raise ProposalError("the prompt tokenizes to no target tokens")
         if max_new_tokens < 1:
             raise ProposalError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        vocab.validate_ids(prompt_ids)
-        vocab.validate_ids(resume_ids)
+        self.embedding_rows = min(vocab.size, embedding_rows) if embedding_rows is not None else vocab.size
+        self._check_ids("prompt", prompt_ids)
+        self._check_ids("resume_target_ids", resume_ids)
         if any(i in vocab.eos_ids for i in resume_ids):
             raise ProposalError("resume_target_ids hold an EOS: that transcript has already ended")
         if len(resume_ids) >= max_new_tokens:
@@ -58,15 +92,26 @@ class VerifierSession:
         self.vocab = vocab
         self.config = config
         self.max_new_tokens = max_new_tokens
-        self.max_draft_tokens = max_draft_tokens
+        self.limits = limits
         self.align_window = align_window
         self.committed_ids = list(prompt_ids) + list(resume_ids)
         self.prompt_length = len(prompt_ids)
         self.output_bytes = vocab.decode_bytes(resume_ids)
-        self.cache = RowCache()
+        # A round feeds at most the proposal that max_new_tokens leaves room for: prompt + max_new_tokens positions.
+        self.cache = RowCache(capacity_tokens=self.reserved_tokens)
         self.finished = False
         self.generator = torch.Generator()
         self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most positions this session's KV cache will ever hold."""
+        return self.prompt_length + self.max_new_tokens
+
+    def _check_ids(self, what: str, ids: Sequence[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.embedding_rows]
+        if bad:
+            raise ProposalError(f"{what}: token ids out of the target's vocabulary [0, {self.embedding_rows}): {bad[:5]}")
 
     @property
     def generated_count(self) -> int:
@@ -92,13 +137,13 @@ class VerifierSession:
     def plan(self, proposal: DraftProposal) -> PlannedRound:
         if self.finished:
             raise SessionFinishedError("this session has finished; start a new one")
-        if len(proposal.tokens) > self.max_draft_tokens:
-            raise ProposalError(f"a proposal may hold at most {self.max_draft_tokens} draft tokens, got {len(proposal.tokens)}")
+        self.limits.check(proposal)
         proxy = self._proxy_ids(proposal)
         if proposal.ends_with_eos and self.vocab.tokenizer.eos_token_id is not None:
             proxy.append(self.vocab.tokenizer.eos_token_id)
         # Verifying m tokens can emit m + 1: never propose past the token budget.
-        proxy = proxy[: self.max_new_tokens - self.generated_count - 1]
+        proxy = proxy[: min(self.max_new_tokens - self.generated_count - 1, self.limits.proxy_budget(proposal))]
+        self._check_ids("proposal", proxy)
         align_started = time.perf_counter()
         draft_texts = [t.token_bytes.decode("utf-8", errors="replace") for t in proposal.tokens]
         alignment = dtw_align(draft_texts, [self.vocab.token_text(i) for i in proxy], window=self.align_window)

@@ -32,6 +32,8 @@ from types import TracebackType
 from edge_client.client import ClientResult, EdgeClientError, EdgeDraft, PieceSink, VerifierClient, load_edge_draft
 from edge_client.committed_text import TextPiece
 from edge_client.draft_length import DraftLengthPolicy
+from edge_client.retry import RetryPolicy
+from shared.channel_security import ChannelSecurity
 from shared.decoding import DecodeMode, DecodingConfig
 from shared.wire import ChatMessage
 from specbridge.v1 import specbridge_pb2 as pb
@@ -163,14 +165,17 @@ class Edge:
     belongs to one loop); concurrent generations each get their own draft state on the shared weights.
     """
 
-    def __init__(self, server: str, draft: EdgeDraft | None) -> None:
+    def __init__(self, server: str, draft: EdgeDraft | None, security: ChannelSecurity = ChannelSecurity(),
+                 retry: RetryPolicy = RetryPolicy()) -> None:
         self.server = server
         self.draft = draft
+        self.security = security
+        self.retry = retry
         self._drafts = DraftPool(draft) if draft is not None else None
         self._client: VerifierClient | None = None
 
     async def __aenter__(self) -> Edge:
-        self._client = VerifierClient(self.server)
+        self._client = VerifierClient(self.server, self.security, self.retry)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -210,12 +215,15 @@ class Edge:
 
 
 def connect(server: str, draft: str | Path | EdgeDraft | None = None, *, variant: str = "fp32",
-            threads: int | None = None) -> Edge:
+            threads: int | None = None, security: ChannelSecurity = ChannelSecurity(),
+            retry: RetryPolicy = RetryPolicy()) -> Edge:
     """An edge for the verifier at `server` (HOST:PORT), loading the exported ONNX draft in `draft` now
     (seconds); without a draft only target-only generation (`speculative=False`) is possible.
 
-    `variant` picks fp32 or int8 weights; `threads` caps onnxruntime's threads (None: its default).
+    `variant` picks fp32 or int8 weights; `threads` caps onnxruntime's threads (None: its default); `security`
+    secures the channel (TLS, mutual TLS, a bearer token: shared.channel_security.ChannelSecurity); `retry` says how a
+    lost session is resumed (edge_client.retry.RetryPolicy: reconnects with backoff, from the ids committed so far).
     """
     if draft is not None and not isinstance(draft, EdgeDraft):
         draft = load_edge_draft(Path(draft).expanduser(), variant=variant, threads=threads)
-    return Edge(server, draft)
+    return Edge(server, draft, security, retry)

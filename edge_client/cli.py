@@ -20,6 +20,8 @@ from edge_client.api import Edge, Generation, connect
 from edge_client.client import ClientResult, EdgeClientError, PieceSink
 from edge_client.committed_text import Origin, TextPiece
 from edge_client.draft_runtime import Variant
+from edge_client.retry import RetryPolicy
+from shared.channel_security import ChannelSecurity
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 from shared.event_loop import run
 
@@ -35,13 +37,25 @@ class EdgeConfigError(EdgeClientError, ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class VerifierSettings:
+class VerifierSettings(ChannelSecurity):
+    """Where the verifier is and how the channel to it is secured (TLS, client certificate, token)."""
+
     server: str = field(default="127.0.0.1:50051", metadata={"help": "verifier address HOST:PORT"})
+    max_retries: int = field(default=RetryPolicy.max_retries, metadata={
+        "help": "reconnects in a row, with backoff, after a lost connection or a full verifier; each resumes from the "
+                "tokens committed so far (0: fail at once)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         host, _, port = self.server.rpartition(":")
         if not host or not port.isdigit():
             raise EdgeConfigError(f"--server must be HOST:PORT, got {self.server!r}")
+        if self.max_retries < 0:
+            raise EdgeConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(max_retries=self.max_retries)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +160,8 @@ async def _generate(edge: Edge, request: Generation, on_piece: PieceSink | None)
 def run_edge(config: EdgeConfig) -> ClientResult:
     request = Generation(prompt=read_prompt(config), max_tokens=config.max_new_tokens, decoding=config.decoding,
                          draft_len=config.fixed_draft_len, draft_ahead=config.draft_ahead)
-    edge = connect(config.server, config.draft, variant=config.variant)
+    edge = connect(config.server, config.draft, variant=config.variant, security=config.channel_security(),
+                   retry=config.retry_policy)
     color = not config.json and use_color(config.color, sys.stdout.isatty(), os.environ)
     if color:
         print(f"{ORIGIN_COLORS[Origin.DRAFT]}draft tokens the target accepted{RESET_COLOR}  "
@@ -159,6 +174,7 @@ def run_edge(config: EdgeConfig) -> ClientResult:
 def run_generate(config: GenerateConfig) -> ClientResult:
     request = Generation(prompt=read_prompt(config), max_tokens=config.max_new_tokens, decoding=config.decoding,
                          speculative=False)
-    result = run(_generate(connect(config.server), request, None if config.json else _stdout_writer(False)))
+    edge = connect(config.server, security=config.channel_security(), retry=config.retry_policy)
+    result = run(_generate(edge, request, None if config.json else _stdout_writer(False)))
     _report(result, config.json)
     return result

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from shared.errors import UserFacingError
+
 MANIFEST_NAME = "specbridge_draft.json"
 MANIFEST_VERSION = 1
 
@@ -45,11 +47,11 @@ def onnx_bytes(model_path: Path) -> int:
     return model_path.stat().st_size + (data_path.stat().st_size if data_path.exists() else 0)
 
 
-class DraftModelError(Exception):
+class DraftModelError(UserFacingError):
     """An exported draft directory is missing, incomplete or does not match its manifest."""
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(UserFacingError, ValueError):
     """Feeding would take the context past the positions the draft model was trained for."""
 
 

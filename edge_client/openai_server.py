@@ -294,6 +294,7 @@ async def _serve(config: EdgeServeConfig, edge: Edge, api_key: str | None) -> No
 def serve(config: EdgeServeConfig) -> None:
     """Load the draft, ask the verifier its model (unless --model-name names it), serve until SIGINT/SIGTERM."""
     api_key = read_api_key(config.api_key_file) if config.api_key_file else None
-    edge = connect(config.server, config.draft, variant=config.variant, threads=config.threads)
+    edge = connect(config.server, config.draft, variant=config.variant, threads=config.threads,
+                   security=config.channel_security(), retry=config.retry_policy)
     run(_serve(config, edge, api_key))
 

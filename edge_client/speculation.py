@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from edge_client.draft_length import DraftLengthPolicy, DraftLengthState, RoundObservation, choose_draft_len, observe
 from edge_client.drafter import Drafter
@@ -20,8 +21,9 @@ from shared.decoding import DecodingConfig
 from shared.proposal import DraftProposal
 from shared.wire import ServedRound
 
+Result = TypeVar("Result")
 RoundVerifier = Callable[[DraftProposal], Awaitable[ServedRound]]
-RoundSink = Callable[[ServedRound], None]
+RoundSink = Callable[["RoundRecord"], None]
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,26 @@ class RoundsView:
         return tuple(record.round_trip_ms for record in self.speculation_rounds)
 
 
+async def owned_until_done(task: asyncio.Future[Result]) -> Result:
+    """`task`'s result. A cancelled caller still waits for it to end before the cancellation goes on: a thread
+    drafting owns the drafter (its KV cache, its tokenizer) until it returns, and a drafter given back earlier
+    could be handed to another generation while still in use."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.result()
+
+
+async def on_drafter_thread(work: Callable[..., Result], *args: Any) -> Result:
+    """`work(*args)` on a thread, which owns the drafter until it returns (see owned_until_done)."""
+    return await owned_until_done(asyncio.ensure_future(asyncio.to_thread(work, *args)))
+
+
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
 
@@ -87,7 +109,8 @@ async def run_speculation(drafter: Drafter, verify: RoundVerifier, config: Decod
                           settings: SpeculationSettings, on_round: RoundSink | None = None) -> tuple[ServedRound, tuple[RoundRecord, ...]]:
     """Rounds until the verifier says finished; `drafter` must be started on the session's text.
 
-    Returns the last verdict and every round's record; `on_round` sees each verdict as it arrives.
+    Returns the last verdict and every round's record; `on_round` sees each record as its round ends (a caller
+    that resumes after a lost connection keeps the rounds of the attempts that failed).
     """
     policy = settings.policy
     state = DraftLengthState()
@@ -96,7 +119,7 @@ async def run_speculation(drafter: Drafter, verify: RoundVerifier, config: Decod
     while True:
         ready_before = drafter.ahead_count
         drafting = time.perf_counter()
-        proposal = await asyncio.to_thread(drafter.propose, draft_len, config)
+        proposal = await on_drafter_thread(drafter.propose, draft_len, config)
         draft_ms = _ms_since(drafting)
         fresh = len(proposal.tokens) - min(ready_before, len(proposal.tokens))
         draft_step_ms = draft_ms / fresh if fresh else 0.0
@@ -112,17 +135,17 @@ async def run_speculation(drafter: Drafter, verify: RoundVerifier, config: Decod
         finally:
             # The drafting thread owns the drafter until it returns, whatever became of the verdict.
             stop_ahead.set()
-            ahead_drafted = await ahead if ahead is not None else 0
+            ahead_drafted = await owned_until_done(ahead) if ahead is not None else 0
         round_trip_ms = _ms_since(sent)
-        if on_round is not None:
-            on_round(served)
         outcome = served.outcome
-        survived = 0 if outcome.finished else await asyncio.to_thread(drafter.commit, outcome.committed_bytes)
+        survived = 0 if outcome.finished else await on_drafter_thread(drafter.commit, outcome.committed_bytes)
         record = RoundRecord(draft_len=len(proposal.tokens), draft_tokens_accepted=outcome.draft_tokens_accepted,
                              proposed_count=outcome.proposed_count, accepted_count=len(outcome.accepted_ids),
                              committed_count=len(outcome.new_ids), draft_ms=draft_ms, round_trip_ms=round_trip_ms,
                              verify_ms=served.verify_ms, ahead_drafted=ahead_drafted, ahead_survived=survived)
         records.append(record)
+        if on_round is not None:
+            on_round(record)
         if outcome.finished:
             return served, tuple(records)
         if settings.draft_len is None:

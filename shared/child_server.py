@@ -18,10 +18,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from shared.errors import UserFacingError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ChildServerError(RuntimeError):
+class ChildServerError(UserFacingError, RuntimeError):
     """The child exited or stayed silent instead of announcing that it serves."""
 
 
@@ -64,6 +66,20 @@ class ChildServer:
     def __exit__(self, error_type: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.stop()
+
+    @property
+    def pid(self) -> int:
+        """The child's process id (a benchmark samples its memory by it); known inside the block."""
+        if self._process is None:
+            raise RuntimeError(f"{self.name} has not been started")
+        return self._process.pid
+
+    def kill(self) -> int | None:
+        """SIGKILL now, as a crash would end it (fault tests); returns the exit status."""
+        if self._process is None:
+            return None
+        self._process.kill()
+        return self._process.wait()
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after stop_timeout_s; returns the exit status."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from shared.errors import UserFacingError
+
 
 class DecodeMode(Enum):
     GREEDY = "greedy"
@@ -22,7 +24,14 @@ class AcceptanceRule(Enum):
     DTW_TRANSFER_APPROX = "dtw_transfer_approx"  # NOT exact: DTW-transferred q in min(1, p/q)
 
 
-class DecodingConfigError(ValueError):
+# Logits divided by less overflow float32 (Gemma's soft-capped logits reach +-30: 30 / 1e-2 is far from it;
+# 30 / 1e-30 is inf, and inf - inf is the NaN that used to end a session as INTERNAL).
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**64 - 1  # the wire's uint64
+
+
+class DecodingConfigError(UserFacingError, ValueError):
     """A decoding setting out of its valid range."""
 
 
@@ -36,8 +45,11 @@ class DecodingConfig:
     rule: AcceptanceRule = AcceptanceRule.POINT_MASS
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise DecodingConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise DecodingConfigError(f"temperature must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (greedy mode for "
+                                      f"less), got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise DecodingConfigError(f"seed must lie in [0, 2**64 - 1], got {self.seed}")
         if self.top_k < 0:
             raise DecodingConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -31,6 +31,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from shared.errors import UserFacingError
+
 TOKENIZER_FAMILIES: tuple[str, ...] = ("gpt2", "deepseek", "mistral")
 
 _PACKAGES = {  # family -> (import name, pip name)
@@ -41,7 +43,7 @@ _PACKAGES = {  # family -> (import name, pip name)
 _SENTENCEPIECE_SPACE = "\u2581"
 
 
-class TokenizerZooError(Exception):
+class TokenizerZooError(UserFacingError):
     """A tokenizer of the zoo cannot be loaded."""
 
 

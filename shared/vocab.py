@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from shared.errors import UserFacingError
+
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SENTENCEPIECE_SPACE = "\u2581"
 
@@ -26,7 +28,7 @@ class TokenFamily(Enum):
     SENTENCEPIECE = "sentencepiece"
 
 
-class VocabError(ValueError):
+class VocabError(UserFacingError, ValueError):
     """A tokenizer whose conventions specbridge cannot map to bytes."""
 
 

@@ -13,16 +13,23 @@ from enum import Enum
 from typing import TypeVar
 
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
+from shared.errors import UserFacingError
 from shared.proposal import DraftProposal, DraftToken, RoundOutcome
 from specbridge.v1 import specbridge_pb2 as pb
 
 UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
+# gRPC metadata beside the messages. RESOURCE_EXHAUSTED carries RETRY_AFTER_MS_KEY (trailing, milliseconds) when
+# waiting may help (a full verifier), and not when the request itself is too large. Every Speculate and Generate
+# call carries ROUTING_KEY, the same for every resume of one transcript and every turn of one conversation, so a
+# load balancer hashing it (nginx `hash $http_x_specbridge_session consistent`) keeps the conversation on the
+# replica that holds its prefix.
+RETRY_AFTER_MS_KEY = "retry-after-ms"
+ROUTING_KEY = "x-specbridge-session"
 
 Member = TypeVar("Member", bound=Enum)
 
 
-class WireFormatError(ValueError):
+class WireFormatError(UserFacingError, ValueError):
     """A message that does not decode to a valid record (or a record that cannot be encoded)."""
 
 
@@ -85,8 +92,9 @@ class GenerationRequest:
 
     prompt: str
     config: DecodingConfig
-    max_new_tokens: int
+    max_new_tokens: int  # the whole output's budget, resumed ids included
     messages: tuple[ChatMessage, ...] = ()  # chat: used instead of `prompt` when given
+    resume_target_ids: tuple[int, ...] = ()  # output ids an interrupted stream already delivered
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,7 @@ def encode_decoding(config: DecodingConfig) -> pb.DecodingSettings:
     settings = pb.DecodingSettings(mode=_MODES[config.mode], temperature=config.temperature, top_k=config.top_k,
                                    top_p=config.top_p, rule=_RULES[config.rule])
     if config.seed is not None:
-        settings.seed = _check_range("seed", config.seed, UINT64_MAX)
+        settings.seed = config.seed  # DecodingConfig holds it to uint64
     return settings
 
 
@@ -292,12 +300,14 @@ def decode_round(result: pb.RoundResult) -> ServedRound:
 def encode_generation_request(request: GenerationRequest) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt=request.prompt, decoding=encode_decoding(request.config),
                               max_new_tokens=_check_range("max_new_tokens", request.max_new_tokens, UINT32_MAX),
-                              messages=encode_messages(request.messages))
+                              messages=encode_messages(request.messages),
+                              resume_target_ids=_check_ids("resume_target_ids", request.resume_target_ids))
 
 
 def decode_generation_request(message: pb.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(prompt=message.prompt, config=decode_decoding(message.decoding),
-                             max_new_tokens=message.max_new_tokens, messages=decode_messages(message.messages))
+                             max_new_tokens=message.max_new_tokens, messages=decode_messages(message.messages),
+                             resume_target_ids=tuple(message.resume_target_ids))
 
 
 def encode_generated_step(step: GeneratedStep) -> pb.GenerateResponse:

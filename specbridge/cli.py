@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from shared.errors import UserFacingError
 from specbridge.cli_args import add_config_arguments, config_from_arguments
 
 EXIT_USER_ERROR = 2
@@ -23,33 +24,12 @@ OWN_PACKAGES = {"specbridge", "shared", "edge_client", "cloud_verifier"}
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-class UserError(Exception):
-    """A mistake the user can fix; shown as one line."""
+class UserError(UserFacingError):
+    """A mistake in the command line itself."""
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Every exception the core raises for bad input, gathered lazily (importing them costs torch)."""
-    from shared.decoding import DecodingConfigError
-    from shared.vocab import VocabError
-
-    types: list[type[BaseException]] = [UserError, DecodingConfigError, VocabError, FileNotFoundError, NotADirectoryError,
-                                         PermissionError]
-    for module, names in (("specbridge.model_zoo", ("ModelZooError",)), ("specbridge.export", ("ExportError",)),
-                          ("edge_client.draft_runtime", ("DraftModelError", "ContextOverflowError")),
-                          ("cloud_verifier.errors", ("VerifierError",)), ("cloud_verifier.target", ("TargetModelError",)),
-                          ("shared.tokenizer_zoo", ("UnknownTokenizerError", "TokenizerPackageMissingError")),
-                          ("edge_client.client", ("EdgeClientError",)),
-                          ("shared.child_server", ("ChildServerError",)),
-                          ("specbridge.bench.throughput", ("ThroughputBenchConfigError",)),
-                          ("specbridge.bench.acceptance", ("AcceptanceBenchConfigError",)),
-                          ("specbridge.bench.verify_cost", ("VerifyCostBenchConfigError",)),
-                          ("specbridge.netsim", ("NetsimConfigError",)),
-                          ("specbridge.bench.latency", ("LatencyBenchConfigError",)),
-                          ("specbridge.bench.http_overhead", ("HttpOverheadBenchConfigError",)),
-                          ("specbridge.placement", ("PlacementError",))):
-        if module in sys.modules:
-            types.extend(getattr(sys.modules[module], n) for n in names if hasattr(sys.modules[module], n))
-    return tuple(types)
+# A user can fix these: each is shown as one line. Anything else is a bug and keeps its traceback.
+USER_ERROR_TYPES = (UserFacingError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def _models_prepare(args: argparse.Namespace) -> None:
@@ -128,6 +108,12 @@ def _bench_throughput(args: argparse.Namespace) -> None:
     run_throughput_bench(config_from_arguments(ThroughputBenchConfig, args))
 
 
+def _bench_load(args: argparse.Namespace) -> None:
+    from specbridge.bench.load import LoadBenchConfig, run_load_bench
+
+    run_load_bench(config_from_arguments(LoadBenchConfig, args))
+
+
 def _bench_http_overhead(args: argparse.Namespace) -> None:
     from specbridge.bench.http_overhead import HttpOverheadBenchConfig, run_http_overhead_bench
 
@@ -138,6 +124,12 @@ def _bench_verify_cost(args: argparse.Namespace) -> None:
     from specbridge.bench.verify_cost import VerifyCostBenchConfig, run_verify_cost_bench
 
     run_verify_cost_bench(config_from_arguments(VerifyCostBenchConfig, args))
+
+
+def _bench_engine(args: argparse.Namespace) -> None:
+    from specbridge.bench.engine import EngineBenchConfig, run_engine_bench
+
+    run_engine_bench(config_from_arguments(EngineBenchConfig, args))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -252,10 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "specbridge.bench.throughput", "ThroughputBenchConfig", _bench_throughput)
     _config_command(bench, "verify-cost", "one verification round's cost: output head on every position vs lazily",
                     "specbridge.bench.verify_cost", "VerifyCostBenchConfig", _bench_verify_cost)
+    _config_command(bench, "engine", "one verifier step's time outside the model forward, by sessions and context",
+                    "specbridge.bench.engine", "EngineBenchConfig", _bench_engine)
     _config_command(bench, "http-overhead", "per-request overhead of `specbridge edge serve` (HTTP) over the bare "
                     "Python API", "specbridge.bench.http_overhead", "HttpOverheadBenchConfig", _bench_http_overhead)
     _config_command(bench, "latency", "time to answer under network delay: cloud-only vs speculative, per profile",
                     "specbridge.bench.latency", "LatencyBenchConfig", _bench_latency)
+    _config_command(bench, "load", "many concurrent edge sessions against one verifier: errors, latency, memory over time",
+                    "specbridge.bench.load", "LoadBenchConfig", _bench_load)
     return parser
 
 
@@ -281,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"specbridge with the extra that provides it (verifier, export, models or bench)", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as error:  # noqa: BLE001 - narrowed just below to the user-error types
-        if not isinstance(error, _user_error_types()):
+        if not isinstance(error, USER_ERROR_TYPES):
             raise
         print(f"specbridge: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return EXIT_USER_ERROR

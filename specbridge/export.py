@@ -36,6 +36,7 @@ from edge_client.draft_runtime import (
     past_names,
     present_names,
 )
+from shared.errors import UserFacingError
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -47,7 +48,7 @@ _TRACE_PAST_LEN = 5
 _TRACE_NEW_LEN = 3
 
 
-class ExportError(Exception):
+class ExportError(UserFacingError):
     """The model directory cannot be exported as a draft (missing, not a causal LM, or a bad graph)."""
 
 

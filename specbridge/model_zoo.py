@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.errors import UserFacingError
+
 if TYPE_CHECKING:  # torch and transformers load lazily: `models list` must stay instant
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -38,7 +40,7 @@ _CHECK_PROMPT = "def fibonacci(n):\n    "
 _CHECK_TOKENS = 8
 
 
-class ModelZooError(Exception):
+class ModelZooError(UserFacingError):
     """A model pair cannot be prepared; the message is one line the user can act on."""
 
 

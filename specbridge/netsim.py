@@ -20,6 +20,8 @@ from types import TracebackType
 
 import uvloop
 
+from shared.errors import UserFacingError
+
 READY_LINE = "specbridge netsim listening on {address} -> {upstream} (profile {profile})"
 CHUNK_BYTES = 64 * 1024
 # Like a TCP window: a direction holds this much read and not yet delivered before it stops reading (the
@@ -30,7 +32,7 @@ MAX_IN_FLIGHT_BYTES = 4 * 1024 * 1024
 log = logging.getLogger(__name__)
 
 
-class NetsimConfigError(ValueError):
+class NetsimConfigError(UserFacingError, ValueError):
     """A network profile or proxy setting out of its valid range."""
 
 

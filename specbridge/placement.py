@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from shared.errors import UserFacingError
 
-class PlacementError(ValueError):
+
+class PlacementError(UserFacingError, ValueError):
     """CPU sets that overlap or name CPUs this process may not use."""
 
 

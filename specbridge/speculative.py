@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from cloud_verifier.lazy_head import LazyLogits
-from cloud_verifier.session import VerifierSession
+from cloud_verifier.session import ProposalLimits, VerifierSession
 from cloud_verifier.target import RowCache
 from edge_client.draft_length import DraftLengthPolicy
 from edge_client.drafter import Drafter
@@ -86,7 +86,7 @@ async def speculative_generate_async(drafter: Drafter, target: TargetForward, ta
     started = time.perf_counter()
     prompt_ids = list(target_vocab.tokenizer(prompt)["input_ids"])
     session = VerifierSession(target_vocab, prompt_ids, config, max_new_tokens,
-                              max_draft_tokens=draft_len or settings.policy.max_len)
+                              ProposalLimits(max_draft_tokens=draft_len or settings.policy.max_len))
     plan_us: list[float] = []
     align_us: list[float] = []
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
+from shared.errors import UserFacingError
 
 MODES = ("greedy", "sample", "all")
 
 
-class AcceptanceBenchConfigError(ValueError):
+class AcceptanceBenchConfigError(UserFacingError, ValueError):
     """A benchmark setting out of its valid range."""
 
 

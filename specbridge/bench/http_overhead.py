@@ -22,6 +22,7 @@ import specbridge
 from edge_client.api import Edge, Generation
 from edge_client.launcher import EdgeServeProcess
 from edge_client.openai_server import EdgeServeConfig
+from shared.errors import UserFacingError
 from shared.event_loop import run
 from specbridge.bench.report import save_report
 from specbridge.placement import PlacementSettings
@@ -33,7 +34,7 @@ MODES = (BARE, HTTP, HTTP_STREAM)
 MODEL = "bench"
 
 
-class HttpOverheadBenchConfigError(ValueError):
+class HttpOverheadBenchConfigError(UserFacingError, ValueError):
     """A benchmark setting out of its valid range."""
 
 

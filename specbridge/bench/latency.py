@@ -24,9 +24,10 @@ from edge_client.client import ClientResult, EdgeDraft, VerifierClient, load_edg
 from edge_client.draft_runtime import Variant
 from edge_client.drafter import Drafter
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
+from shared.errors import UserFacingError
 from shared.wire import encode_session_request
-from specbridge.netsim import PROFILES, DelayProxy
 from specbridge.bench.report import save_report
+from specbridge.netsim import PROFILES, DelayProxy
 from specbridge.placement import PlacementSettings
 
 GREEDY = DecodingConfig()
@@ -36,7 +37,7 @@ RULE_TOP_K = 8
 CODE_PROMPTS = 9  # HELD_OUT_PROMPTS opens with nine code prompts, then seven of prose
 
 
-class LatencyBenchConfigError(ValueError):
+class LatencyBenchConfigError(UserFacingError, ValueError):
     """A benchmark setting out of its valid range."""
 
 

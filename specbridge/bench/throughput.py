@@ -20,6 +20,7 @@ from cloud_verifier.launcher import VerifierProcess
 from cloud_verifier.server import ServeConfig
 from edge_client.client import ClientResult, EdgeDraft, VerifierClient, load_edge_draft
 from shared.decoding import DecodingConfig
+from shared.errors import UserFacingError
 from specbridge.bench.report import save_report
 from specbridge.placement import PlacementSettings
 from specbridge.v1 import specbridge_pb2 as pb
@@ -29,7 +30,7 @@ TARGET_ONLY = "target_only"
 WARMUP_TOKENS = 4
 
 
-class ThroughputBenchConfigError(ValueError):
+class ThroughputBenchConfigError(UserFacingError, ValueError):
     """A benchmark setting out of its valid range."""
 
 
@@ -41,6 +42,8 @@ class ThroughputBenchConfig(PlacementSettings):
     max_new_tokens: int = field(default=32, metadata={"help": "target tokens per prompt"})
     draft_len: int = field(default=6, metadata={"help": "draft tokens per round"})
     repeats: int = field(default=1, metadata={"help": "runs per measurement, pooled"})
+    device: str = field(default="cpu", metadata={"help": "the verifier's torch device: cpu or cuda[:N]"})
+    dtype: str = field(default="float32", metadata={"help": "the verifier's target weights dtype"})
     json: str = field(default="results/throughput.json", metadata={"help": "write results here"})
     plot: str = field(default="results/throughput.png", metadata={"help": "draw the plot here"})
 
@@ -143,7 +146,7 @@ def run_throughput_bench(config: ThroughputBenchConfig) -> dict:
             f"loopback")
     print(f"[throughput] {config.pair}: {note}", file=sys.stderr)
     serve_config = ServeConfig(target=str(pair.target_hf_dir), port=0, max_batch=max(32, max(config.clients)),
-                               threads=placement.verifier_threads)
+                               threads=placement.verifier_threads, device=config.device, dtype=config.dtype)
     with VerifierProcess(serve_config, cpus=placement.verifier_cpus) as verifier, placement.edge_pinned():
         first = load_edge_draft(pair.draft_onnx_dir, threads=1)
         drafts = [first] + [first.fork() for _ in range(max(config.clients) - 1)]

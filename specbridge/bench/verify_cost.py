@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from cloud_verifier.lazy_head import LAZY_FROM_ROWS, compute_rows
-from cloud_verifier.session import PlannedRound, VerifierSession, decide_together
+from cloud_verifier.session import PlannedRound, ProposalLimits, VerifierSession, decide_together
 from cloud_verifier.target import RowCache, TargetModel
 from shared.decoding import DecodingConfig
+from shared.errors import UserFacingError
 from shared.vocab import Vocab
 from specbridge.bench.report import save_report
 
@@ -32,7 +33,7 @@ FIRST_REJECTED_SHARE = 0.38
 HEAD_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-class VerifyCostBenchConfigError(ValueError):
+class VerifyCostBenchConfigError(UserFacingError, ValueError):
     """A benchmark setting out of its valid range."""
 
 
@@ -121,8 +122,8 @@ def _time_step(target: TargetModel, vocab: Vocab, context_ids: Sequence[int], ca
     for accepted in timed.accepted:
         proposal = _proposal(continuation, timed.proposed, accepted, target.vocab_size)
         session = VerifierSession(vocab, list(context_ids), DecodingConfig(), max_new_tokens=timed.proposed + 1,
-                                  max_draft_tokens=max(1, timed.proposed))
-        session.cache = RowCache(list(cache.layers)) if timed.cached else RowCache()
+                                  limits=ProposalLimits(max_draft_tokens=max(1, timed.proposed)))
+        session.cache = cache.copy() if timed.cached else RowCache()
         steps.append((session, PlannedRound(proxy_ids=proposal, feed_ids=tuple(context_ids[timed.cached :]) + proposal,
                                             draft_positions=tuple(() for _ in proposal), proposal_probs=None, align_us=0.0)))
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -112,3 +113,17 @@ def test_band_forces_the_diagonal_when_zero() -> None:
 def test_positions_beyond_the_target_count_are_an_error() -> None:
     with pytest.raises(ValueError):
         draft_positions_per_target(dtw_align(["a"], ["a", "b"]), 1)
+
+
+def test_the_band_bounds_memory_never_the_full_matrix() -> None:
+    """2000 x 2000 tokens in a band of 4: a full cost matrix would hold 4M cells (> 30 MB as floats)."""
+    draft = ["ab"] * 2000
+    target = ["ab"] * 2000
+    tracemalloc.start()
+    try:
+        alignment = dtw_align(draft, target, window=4)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert alignment.path == tuple((i, i) for i in range(2000)) and alignment.cost == 0
+    assert peak_bytes < 4 * 1024 * 1024

@@ -20,7 +20,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from cloud_verifier.session import VerifierSession
+from cloud_verifier.session import ProposalLimits, VerifierSession
 from cloud_verifier.transfer import shared_vocabulary_map
 from cloud_verifier.verify import target_probs
 from edge_client.drafter import Drafter
@@ -188,7 +188,7 @@ def _mass_by_bytes(law: Iterable[tuple[bytes, float]]) -> dict[bytes, float]:
 
 def _draft_probs_session(pair: ToyPair) -> VerifierSession:
     return VerifierSession(pair.target_vocab, pair.target_vocab.encode(PROMPT_TEXT), DRAFT_PROBS, max_new_tokens=4,
-                           max_draft_tokens=1)
+                           limits=ProposalLimits(max_draft_tokens=1))
 
 
 def test_draft_probs_law_sums_the_ids_that_share_the_proposed_bytes(pair: ToyPair) -> None:

@@ -14,7 +14,7 @@ import torch
 from cloud_verifier import lazy_head
 from cloud_verifier.lazy_head import LazyLogits
 from cloud_verifier.scheduler import BatchForwardError, BatchScheduler, SchedulerClosedError, split_by_feed_length
-from cloud_verifier.session import VerifierSession
+from cloud_verifier.session import ProposalLimits, VerifierSession
 from cloud_verifier.verify import Rule, Verdict
 from shared.decoding import DecodingConfig
 from shared.proposal import DraftProposal, DraftToken, RoundOutcome
@@ -100,8 +100,9 @@ def test_lone_request_runs_at_once_and_queued_ones_share_a_forward() -> None:
     asyncio.run(scenario())
     scheduler.close()
     assert target.batches == [[2], [1], [1, 1, 1], [1, 1]]  # max_batch 3: the rest waits a step
-    assert scheduler.stats.forwards == 4 and scheduler.stats.rows == 7 and scheduler.stats.tokens_fed == 8
-    assert scheduler.stats.busy_ms > 0
+    counts = scheduler.metrics.counts()
+    assert counts.forwards == 4 and counts.rows == 7 and counts.tokens_fed == 8
+    assert counts.busy_ms > 0
 
 
 def test_failed_forward_fails_only_its_batch() -> None:
@@ -110,9 +111,53 @@ def test_failed_forward_fails_only_its_batch() -> None:
     scheduler = BatchScheduler(target, max_batch=8)
 
     async def scenario() -> None:
-        with pytest.raises(BatchForwardError, match="target forward over 1 rows failed: RuntimeError: boom$"):
+        with pytest.raises(BatchForwardError, match="target forward failed: RuntimeError: boom$"):
             await scheduler.submit(FakeSession(), FakePlanned((666,)))
         assert (await scheduler.submit(FakeSession(), FakePlanned((5,)))).next_id == 5
+
+    asyncio.run(scenario())
+    scheduler.close()
+
+
+def test_a_failed_batched_forward_is_retried_row_by_row_so_only_the_guilty_row_fails() -> None:
+    target = FakeTarget()
+    target.fail_on = 666
+    scheduler = BatchScheduler(target, max_batch=8)
+
+    async def scenario() -> list[object]:
+        target.gate.clear()  # queue the four rounds into one step
+        rounds = [asyncio.ensure_future(scheduler.submit(FakeSession(), FakePlanned((i,)))) for i in (1, 666, 3, 4)]
+        await asyncio.sleep(0.05)
+        target.gate.set()
+        return await asyncio.gather(*rounds, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    scheduler.close()
+    assert [o.next_id for o in (outcomes[0], outcomes[2], outcomes[3])] == [1, 3, 4]
+    assert isinstance(outcomes[1], BatchForwardError)
+    assert target.batches == [[1, 1, 1, 1], [1], [1], [1], [1]]  # the batch, then each row alone
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: escapes the per-forward handling, as a bug in the worker itself would."""
+
+
+def test_a_dead_worker_fails_every_round_and_says_so() -> None:
+    target = FakeTarget()
+    scheduler = BatchScheduler(target, max_batch=8)
+
+    def die(rows):
+        raise WorkerKilled("worker bug")
+
+    async def scenario() -> None:
+        assert (await scheduler.submit(FakeSession(), FakePlanned((1,)))).next_id == 1
+        assert scheduler.alive
+        target.forward = die
+        with pytest.raises(SchedulerClosedError, match="batch worker stopped: WorkerKilled: worker bug"):
+            await scheduler.submit(FakeSession(), FakePlanned((2,)))
+        assert not scheduler.alive
+        with pytest.raises(SchedulerClosedError):
+            await scheduler.submit(FakeSession(), FakePlanned((3,)))
 
     asyncio.run(scenario())
     scheduler.close()
@@ -162,7 +207,7 @@ async def _drive(scheduler: BatchScheduler, session: VerifierSession, reference_
     rng = random.Random(seed)
     if start_after is not None:
         await start_after.wait()
-    started_steps.append(scheduler.stats.forwards)
+    started_steps.append(scheduler.metrics.counts().forwards)
     while not session.finished:
         done = len(session.output_bytes)
         chunk = reference_bytes[done : done + rng.randint(0, 12)]
@@ -190,12 +235,12 @@ def test_batched_greedy_equals_unbatched_generate(tiny_target, lazy_from_rows: i
         late_start = asyncio.Event()
         tasks = []
         for index, ((prompt_ids, reference), budget) in enumerate(zip(references, budgets)):
-            session = VerifierSession(vocab, list(prompt_ids), DecodingConfig(), budget, max_draft_tokens=16)
+            session = VerifierSession(vocab, list(prompt_ids), DecodingConfig(), budget, ProposalLimits())
             # The last third joins only once the others have run a few steps.
             gate = late_start if index >= 2 * len(prompts) // 3 else None
             tasks.append(asyncio.ensure_future(_drive(scheduler, session, vocab.decode_bytes(reference), index, gate,
                                                       started_steps)))
-        while scheduler.stats.forwards < 3:
+        while scheduler.metrics.counts().forwards < 3:
             await asyncio.sleep(0.01)
         late_start.set()
         return await asyncio.gather(*tasks)
@@ -204,6 +249,6 @@ def test_batched_greedy_equals_unbatched_generate(tiny_target, lazy_from_rows: i
     scheduler.close()
     assert outputs == [reference for _, reference in references]
     assert max(started_steps) >= 3  # late sessions joined a running batch
-    stats = scheduler.stats
+    stats = scheduler.metrics.counts()
     assert stats.rows_per_forward > 1.5
     assert stats.committed_tokens == sum(len(reference) for _, reference in references)

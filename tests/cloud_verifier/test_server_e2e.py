@@ -286,7 +286,7 @@ def test_edge_cli_with_unreachable_server_fails_in_one_line(tiny_pair) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     completed = _specbridge("edge", "--server", f"127.0.0.1:{port}", "--draft", str(tiny_pair("tiny-gpt2-mistral").draft_onnx_dir),
-                            "--prompt", "hello")
+                            "--prompt", "hello", "--max-retries", "0")  # retries on: the same line, said after the last
     assert completed.returncode == 2
     assert completed.stderr.strip() == f"specbridge: error: cannot reach verifier at 127.0.0.1:{port} (UNAVAILABLE)"
 
@@ -304,7 +304,7 @@ def test_in_process_server_picks_a_free_port_and_stops(tiny_pair) -> None:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
                 response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         finally:
-            await running.stop(grace_s=0.5)
+            await running.stop(drain_s=0.5)
         return running.port, response.status
 
     port, status = run(scenario())

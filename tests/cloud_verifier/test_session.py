@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cloud_verifier.errors import ProposalError, SessionFinishedError
-from cloud_verifier.session import VerifierSession
+from cloud_verifier.session import ProposalLimits, VerifierSession
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 from shared.proposal import DraftProposal, DraftToken
 from specbridge.loading import load_target
@@ -53,11 +53,11 @@ def test_oracle_proposals_are_lossless_and_mostly_accepted(target_and_vocab) -> 
         with torch.inference_mode():
             reference = target.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=MAX_NEW_TOKENS,
                                               do_sample=False)[0, len(prompt_ids):].tolist()
-        session = VerifierSession(vocab, prompt_ids, DecodingConfig(), MAX_NEW_TOKENS, max_draft_tokens=64)
+        session = VerifierSession(vocab, prompt_ids, DecodingConfig(), MAX_NEW_TOKENS, ProposalLimits(max_draft_tokens=64))
         assert _run_oracle(session, target, vocab.decode_bytes(reference), rng, corrupt=0.3) == reference
         assert session.output_bytes == vocab.decode_bytes(reference)
     # Proposals re-tokenized from the target's own text are accepted most of the time.
-    session = VerifierSession(vocab, vocab.tokenizer(LOSSLESS_PROMPTS[0])["input_ids"], DecodingConfig(), MAX_NEW_TOKENS, 64)
+    session = VerifierSession(vocab, vocab.tokenizer(LOSSLESS_PROMPTS[0])["input_ids"], DecodingConfig(), MAX_NEW_TOKENS, ProposalLimits(max_draft_tokens=64))
     inputs = torch.tensor([session.committed_ids])
     with torch.inference_mode():
         reference = target.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=MAX_NEW_TOKENS,
@@ -74,7 +74,7 @@ def test_oracle_proposals_are_lossless_and_mostly_accepted(target_and_vocab) -> 
 
 def test_budget_and_finish(target_and_vocab) -> None:
     target, vocab = target_and_vocab
-    session = VerifierSession(vocab, vocab.encode("hello world"), DecodingConfig(), 3, max_draft_tokens=8)
+    session = VerifierSession(vocab, vocab.encode("hello world"), DecodingConfig(), 3, ProposalLimits(max_draft_tokens=8))
     planned = session.plan(DraftProposal(tokens=tuple(DraftToken(b"ab") for _ in range(8))))
     assert len(planned.proxy_ids) <= 2  # 3 tokens of budget: at most 2 proposed + 1 correction
     while not session.finished:
@@ -88,10 +88,10 @@ def test_budget_and_finish(target_and_vocab) -> None:
 def test_bad_proposals_are_rejected(target_and_vocab) -> None:
     _, vocab = target_and_vocab
     with pytest.raises(ProposalError):
-        VerifierSession(vocab, vocab.encode("x"), DecodingConfig(), 4, max_draft_tokens=2).plan(
+        VerifierSession(vocab, vocab.encode("x"), DecodingConfig(), 4, ProposalLimits(max_draft_tokens=2)).plan(
             DraftProposal(tokens=(DraftToken(b"a"),) * 3))
     with pytest.raises(ProposalError):
-        VerifierSession(vocab, [], DecodingConfig(), 4, max_draft_tokens=2)
-    session = VerifierSession(vocab, vocab.encode("x"), DecodingConfig(mode=DecodeMode.SAMPLE, rule=AcceptanceRule.DRAFT_PROBS), 4, 4)
+        VerifierSession(vocab, [], DecodingConfig(), 4, ProposalLimits(max_draft_tokens=2))
+    session = VerifierSession(vocab, vocab.encode("x"), DecodingConfig(mode=DecodeMode.SAMPLE, rule=AcceptanceRule.DRAFT_PROBS), 4, ProposalLimits(max_draft_tokens=4))
     with pytest.raises(ProposalError):
         session.plan(DraftProposal(tokens=(DraftToken("\U0010fffd\U0010fffd".encode(), ((b"x", 1.0),)),)))

@@ -75,3 +75,18 @@ def test_forward_rows_are_the_feeds_and_grow_the_caches() -> None:
     assert [len(feed) for feed in feeds] == [3, 1] and [cache.length for cache in caches] == [3, 1]
     compute_rows([(feeds[0], 2, 3)])
     assert feeds[0][2].shape == (VOCAB,) and feeds[0][2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("pair_name", ["tiny-gpt2-mistral", "tiny-mistral-gemma3arch"])
+def test_the_verifiers_attention_leaves_the_models_own_generate_unchanged(tiny_pair, pair_name: str) -> None:
+    """The tests' greedy references run generate() on a TargetModel's model, whose attention goes through the
+    verifier's row implementation: outside a verifier forward that must be the stock model's, bit for bit."""
+    hf_dir = tiny_pair(pair_name).target_hf_dir
+    stock = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
+    ours = TargetModel.from_pretrained(hf_dir, dtype=torch.float64).model
+    inputs = torch.tensor([[1, 17, 42, 99, 7, 256, 3]])
+    with torch.inference_mode():
+        outputs = [model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=12, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True) for model in (stock, ours)]
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0].logits, outputs[1].logits))

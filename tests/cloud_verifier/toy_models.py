@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from cloud_verifier.kv_cache import RowCache
 from cloud_verifier.lazy_head import LazyLogits
-from cloud_verifier.target import RowCache
 from shared.vocab import Vocab
 
 # Draft ids of the two tokens whose bytes are both b" ": one token law, two table columns.
@@ -116,8 +116,8 @@ class BigramTarget:
         results = []
         for cache, ids in rows:
             new = torch.tensor(list(ids), dtype=torch.float32).reshape(1, 1, -1, 1)
-            keys = torch.cat([cache.layers[0][0], new], dim=2) if cache.layers else new
-            cache.layers = [(keys, keys)]
+            cache.write(0, new, new)
+            cache.length += len(ids)
             results.append(LazyLogits(new[0, 0], self.head))
         return results
 

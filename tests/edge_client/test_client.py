@@ -1,10 +1,11 @@
-"""The edge client's pure parts: a JSON-ready result, its text cut at the stop sequence, its prediction counts."""
+"""The edge client's pure parts: a JSON-ready result, its text cut at the stop sequence, its prediction counts, the
+routing key."""
 
 import json
 
-from edge_client.client import ClientResult
+from edge_client.client import ClientResult, routing_key
 from edge_client.speculation import RoundRecord
-from shared.wire import FinishReason
+from shared.wire import ChatMessage, FinishReason
 
 
 def test_client_result_summary_is_json() -> None:
@@ -31,3 +32,11 @@ def test_text_ends_before_the_stop_sequence_and_predictions_add_up() -> None:
                           stop=("\n\n", "return"))
     assert result.text == "def f():\n    "
     assert (result.accepted_prediction_tokens, result.rejected_prediction_tokens) == (7, 2)
+
+
+def test_the_routing_key_follows_the_conversation_not_its_latest_turn() -> None:
+    opening = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hi!"))
+    later = (*opening, ChatMessage("assistant", "Hello."), ChatMessage("user", "How are you?"))
+    assert routing_key("", later) == routing_key("", opening)  # every turn of one conversation: one replica
+    assert routing_key("", (ChatMessage("system", "Be brief."), ChatMessage("user", "Bye!"))) != routing_key("", opening)
+    assert routing_key("def f():", ()) == routing_key("def f():", ()) != routing_key("def g():", ())
