@@ -72,8 +72,9 @@ class TargetPrompt:
 
 class VerifierEngine:
     def __init__(self, target: TargetModel, vocab: Vocab, target_name: str, limits: EngineLimits,
-                 kv_budget_bytes: int | None = None) -> None:
-        """`kv_budget_bytes`: the KV cache live and kept sessions may hold (None: kv_pool.default_budget_bytes)."""
+                 kv_budget_bytes: int | None = None, prefix_reuse: bool = True) -> None:
+        """`kv_budget_bytes`: the KV cache live and kept sessions may hold (None: kv_pool.default_budget_bytes);
+        `prefix_reuse`: keep finished sessions' caches for follow-up turns that start with their ids."""
         self.vocab = vocab
         self.target_name = target_name
         self.limits = limits
@@ -85,7 +86,7 @@ class VerifierEngine:
         self.metrics = VerifierMetrics()
         self.scheduler = BatchScheduler(target, limits.max_batch, self.metrics)
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else default_budget_bytes(target.device)
-        self.kv_pool = KvPool(self.kv_budget_bytes, target.kv_bytes_per_token)
+        self.kv_pool = KvPool(self.kv_budget_bytes, target.kv_bytes_per_token, keeps_finished=prefix_reuse)
         self.sessions = SessionRegistry(limits.max_sessions, limits.max_sessions_per_client, self.metrics, self.kv_pool)
         self.metrics.watch(self)
 

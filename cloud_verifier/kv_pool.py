@@ -42,11 +42,12 @@ class _KeptCache:
 class KvPool:
     """Reservations of live sessions and an LRU of finished sessions' caches, within `budget_bytes`."""
 
-    def __init__(self, budget_bytes: int, bytes_per_token: int) -> None:
+    def __init__(self, budget_bytes: int, bytes_per_token: int, keeps_finished: bool = True) -> None:
         if budget_bytes < 0 or bytes_per_token < 1:
             raise ValueError(f"a KV budget of {budget_bytes} bytes at {bytes_per_token} bytes a token")
         self.budget_bytes = budget_bytes
         self.bytes_per_token = bytes_per_token
+        self.keeps_finished = keeps_finished
         self.reserved_bytes = 0
         self.kept_bytes = 0
         self._kept: OrderedDict[int, _KeptCache] = OrderedDict()
@@ -73,7 +74,7 @@ class KvPool:
     def keep(self, ids: Sequence[int], cache: RowCache) -> None:
         """Keep a finished session's cache of `ids` (its committed ids), if the budget has room for it."""
         ids = tuple(ids[: cache.length])
-        if not ids:
+        if not ids or not self.keeps_finished:
             return
         nbytes = cache.nbytes
         with self._lock:

@@ -88,6 +88,9 @@ class ServeConfig:
         "help": "least severe log lines shown: debug, info (a line per session), warning, error"})
     log_prompts: bool = field(default=False, metadata={"help": "log each session's prompt text (off: no prompt reaches the logs)"})
     # KV memory (cloud_verifier/kv_pool.py): sessions are admitted by the KV cache they may grow to.
+    prefix_reuse: bool = field(default=True, metadata={
+        "help": "keep finished sessions' KV caches (within --kv-cache-gib) for follow-up turns that start with their "
+                "tokens (off: every session prefills its whole prompt)"})
     kv_cache_gib: float | None = field(default=None, metadata={
         "help": "GiB of target KV cache for live sessions and kept prefixes; a session reserves prompt + max_new_tokens "
                 "positions at open, and one past the budget is refused (RESOURCE_EXHAUSTED) (unset: half the memory free "
@@ -185,7 +188,7 @@ def load_engine(config: ServeConfig) -> VerifierEngine:
     target = TargetModel.from_pretrained(config.target, device=config.device, dtype=DTYPES[config.dtype])
     kv_budget_bytes = int(config.kv_cache_gib * (1 << 30)) if config.kv_cache_gib is not None else None
     return VerifierEngine(target, Vocab.from_pretrained(config.target), Path(config.target).name, config.limits,
-                          kv_budget_bytes)
+                          kv_budget_bytes, prefix_reuse=config.prefix_reuse)
 
 
 async def start_server(config: ServeConfig) -> RunningVerifier:

@@ -61,7 +61,9 @@ class SessionRegistry:
         self._sessions[session_id] = session
         self._live_by_client[client] += 1
         self.metrics.session_opened()
-        SESSION_ID.set(session_id)  # every line the call logs from here on names its session
+        # Every line the call logs from here on names its session, the interceptor's refusal after it too (each
+        # call runs in a context of its own).
+        SESSION_ID.set(session_id)
         try:
             yield session_id
         finally:

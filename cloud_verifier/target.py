@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
 from cloud_verifier.kv_cache import ROW_ATTENTION, RowCache, RowsForward
 from cloud_verifier.lazy_head import LazyLogits
@@ -51,6 +52,8 @@ class TargetModel:
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TargetModel:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise TargetModelError(f"--device {device} asked for, but torch sees no CUDA device")
+        # The weight-loading bar is transformers' noise in a server log, a benchmark's table or the demo.
+        transformers_logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         except (OSError, ValueError) as error:

@@ -132,6 +132,12 @@ def _bench_engine(args: argparse.Namespace) -> None:
     run_engine_bench(config_from_arguments(EngineBenchConfig, args))
 
 
+def _bench_prefix_reuse(args: argparse.Namespace) -> None:
+    from specbridge.bench.prefix_reuse import PrefixReuseBenchConfig, run_prefix_reuse_bench
+
+    run_prefix_reuse_bench(config_from_arguments(PrefixReuseBenchConfig, args))
+
+
 def _serve(args: argparse.Namespace) -> None:
     from cloud_verifier.server import ServeConfig, serve
 
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "specbridge.bench.verify_cost", "VerifyCostBenchConfig", _bench_verify_cost)
     _config_command(bench, "engine", "one verifier step's time outside the model forward, by sessions and context",
                     "specbridge.bench.engine", "EngineBenchConfig", _bench_engine)
+    _config_command(bench, "prefix-reuse", "a multi-turn chat with and without reusing finished sessions' KV cache",
+                    "specbridge.bench.prefix_reuse", "PrefixReuseBenchConfig", _bench_prefix_reuse)
     _config_command(bench, "http-overhead", "per-request overhead of `specbridge edge serve` (HTTP) over the bare "
                     "Python API", "specbridge.bench.http_overhead", "HttpOverheadBenchConfig", _bench_http_overhead)
     _config_command(bench, "latency", "time to answer under network delay: cloud-only vs speculative, per profile",

@@ -21,7 +21,7 @@ import torch
 from cloud_verifier.lazy_head import compute_rows
 from cloud_verifier.target import RowCache, TargetModel
 from shared.errors import UserFacingError
-from specbridge.bench.report import save_report
+from specbridge.bench.report import finish_figure, pyplot, save_report
 
 
 class EngineBenchConfigError(UserFacingError, ValueError):
@@ -144,11 +144,7 @@ def _print_table(report: dict) -> None:
 
 def plot_engine(report: dict, path: Path) -> None:
     """Per context: step time split into decoder forward, head and outside, by session count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     contexts = sorted({row["context"] for row in report["rows"]})
     figure, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 4), squeeze=False)
     for axis, context in zip(axes[0], contexts):
@@ -160,10 +156,4 @@ def plot_engine(report: dict, path: Path) -> None:
             axis.bar(labels, values, bottom=bottom, label=name)
             bottom = [b + v for b, v in zip(bottom, values)]
         axis.set(xlabel="sessions per step", ylabel="ms per step (median)", title=f"{context}-token context")
-        axis.legend(fontsize="small")
-        axis.grid(alpha=0.3, axis="y")
-    figure.suptitle(f"{report['target']}, {report['threads']} thread(s)")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    finish_figure(figure, list(axes[0]), f"{report['target']}, {report['threads']} thread(s)", path)

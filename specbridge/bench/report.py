@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def save_report(report: dict, name: str, json_path: str, plot: Callable[[dict, Path], None] | None = None,
@@ -16,3 +17,25 @@ def save_report(report: dict, name: str, json_path: str, plot: Callable[[dict, P
     if plot is not None and plot_path is not None:
         plot(report, Path(plot_path))
     print(f"[{name}] wrote {out}" + (f" and {plot_path}" if plot_path else ""), file=sys.stderr)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend: benchmarks draw files, never windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def finish_figure(figure: Any, axes: list[Any], title: str, path: Path) -> None:
+    """Legends and grids on `axes`, the title, then the figure written to `path` (at 120 dpi) and closed."""
+    for axis in axes:
+        axis.legend(fontsize="small")
+        axis.grid(alpha=0.3, axis="y")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    pyplot().close(figure)

@@ -49,9 +49,12 @@ def test_json_lines_carry_the_session_id_of_their_context_and_their_fields() -> 
         SESSION_ID.set("abc123")
         logger.info("inside", extra={"fields": {"rounds": 3, "prompt": 'a "quoted"\nline'}})
 
+    def outside_any_session() -> None:
+        logger.info("outside")
+        logger.info("explicit", extra={"session_id": "def456"})
+
     contextvars.copy_context().run(in_a_session)
-    logger.info("outside")
-    logger.info("explicit", extra={"session_id": "def456"})
+    contextvars.Context().run(outside_any_session)  # a fresh context: whatever earlier tests left in this thread's
     inside, outside, explicit = (json.loads(line) for line in stream.getvalue().splitlines())
     assert inside["session_id"] == "abc123" and inside["message"] == "inside" and inside["rounds"] == 3
     assert inside["prompt"] == 'a "quoted"\nline' and inside["level"] == "INFO" and inside["time"].endswith("+00:00")

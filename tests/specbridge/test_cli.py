@@ -14,7 +14,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("command", [["models", "prepare"], ["models", "measure"], ["export-draft"], ["demo"], ["serve"],
                                      ["edge"], ["edge", "serve"], ["generate"], ["bench", "draft"],
-                                     ["bench", "acceptance"], ["bench", "throughput"], ["bench", "http-overhead"]])
+                                     ["bench", "acceptance"], ["bench", "throughput"], ["bench", "http-overhead"],
+                                     ["bench", "load"], ["bench", "engine"], ["bench", "prefix-reuse"]])
 def test_every_subcommand_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -44,12 +45,21 @@ def test_every_subcommand_has_help(command: list[str], capsys: pytest.CaptureFix
     (["bench", "acceptance", "--mode", "fast"], "--mode must be one of"),
     (["models", "prepare", "--pair", "no-such-pair"], "no-such-pair"),
 ])
-def test_user_mistakes_give_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = _run(*args)
+def test_user_mistakes_give_one_line_and_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process, through the CLI's own entry point (a subprocess per case would cost seconds of imports each;
+    `test_a_mistake_through_the_installed_command_is_one_line` runs the real command once)."""
+    code = main(args)
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("specbridge: error:")]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_mistake_through_the_installed_command_is_one_line() -> None:
+    result = _run("generate", "--prompt", "hi", "--mode", "sample", "--seed", "-1")
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("specbridge: error:")]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["specbridge: error: seed must lie in [0, 2**64 - 1], got -1"]
 
 
 def test_bad_flag_value_is_an_argparse_error() -> None:
@@ -60,7 +70,7 @@ def test_bad_flag_value_is_an_argparse_error() -> None:
 
 def test_unreachable_server_is_one_line(tiny_pair) -> None:
     pair = tiny_pair("tiny-gpt2-mistral")
-    result = _run("edge", "--server", "127.0.0.1:9", "--draft", str(pair.draft_onnx_dir), "--prompt", "hi")
+    result = _run("edge", "--server", "127.0.0.1:9", "--draft", str(pair.draft_onnx_dir), "--prompt", "hi", "--max-retries", "0")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("specbridge: error:")
     assert "Traceback" not in result.stderr

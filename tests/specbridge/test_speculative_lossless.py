@@ -38,7 +38,7 @@ def loaded_pair(request, tiny_pair):
 @pytest.mark.parametrize(("draft_len", "draft_ahead"), [(1, False), (4, False), (8, False), (4, True), (None, True)])
 def test_greedy_equals_target_generate(loaded_pair, draft_len: int | None, draft_ahead: bool) -> None:
     name, target, target_vocab, drafter = loaded_pair
-    every_prompt = draft_len == 4 and name != "tiny-same-gpt2"
+    every_prompt = draft_len == 4 and draft_ahead and name != "tiny-same-gpt2"  # the others: every 5th prompt
     prompts = LOSSLESS_PROMPTS if every_prompt else LOSSLESS_PROMPTS[::5]
     mismatches = []
     for prompt in prompts:
