@@ -37,6 +37,7 @@ CANCELLED = "cancelled"
 OVERLOADED = "RESOURCE_EXHAUSTED"
 NO_STATUS = "NO_STATUS"  # the client gave up on a session without a gRPC status (e.g. the stream ended early)
 SETTLE_TIMEOUT_S = 30.0  # how long the verifier may take to free the last sessions once all clients stopped
+PROGRESS_EVERY_S = 10.0
 MIB = 1024 * 1024
 
 
@@ -148,18 +149,14 @@ async def _session(client: VerifierClient, draft: EdgeDraft, plan: SessionPlan, 
                           committed_tokens=len(result.target_token_ids), reconnects=result.reconnects)
 
 
-async def _client(address: str, loaded: EdgeDraft, draft: EdgeDraft, rng: random.Random, prompts: tuple[str, ...],
+async def _client(address: str, draft: EdgeDraft, rng: random.Random, prompts: tuple[str, ...],
                   config: LoadBenchConfig, deadline: float) -> list[SessionOutcome]:
     """Sessions one after another on one connection (an edge device of its own) until the deadline."""
     outcomes = []
     async with VerifierClient(address) as client:
         while time.perf_counter() < deadline:
-            outcome = await _session(client, draft, plan_session(rng, prompts, config), config.max_new_tokens)
-            outcomes.append(outcome)
-            if outcome.status == CANCELLED:
-                # A cancel cannot stop a drafting thread already running (propose, commit): it may still use this
-                # draft, so the client drafts on a fresh fork of the loaded one (never drafted on) from now on.
-                draft = await asyncio.to_thread(loaded.fork)
+            # A cancelled session returns once its drafting thread is done: the next one may draft on the same draft.
+            outcomes.append(await _session(client, draft, plan_session(rng, prompts, config), config.max_new_tokens))
     return outcomes
 
 
@@ -182,8 +179,14 @@ class _Sampler:
         return sample
 
     async def sample_every(self, interval_s: float) -> None:
+        """Samples until cancelled, with a progress line on stderr every PROGRESS_EVERY_S."""
+        shown_at = 0.0
         while True:
-            await self.sample()
+            sample = await self.sample()
+            if sample.at_s - shown_at >= PROGRESS_EVERY_S:
+                shown_at = sample.at_s
+                print(f"[load] {sample.at_s:.0f} s: {sample.live_sessions} live sessions, verifier RSS "
+                      f"{sample.rss_bytes / 2**20:.0f} MiB, KV {sample.cache_bytes / 2**20:.1f} MiB", file=sys.stderr)
             await asyncio.sleep(interval_s)
 
     async def sample_once_idle(self, interval_s: float) -> VerifierSample:
@@ -202,16 +205,17 @@ async def _warm_up(admin: VerifierClient, drafts: list[EdgeDraft], prompts: tupl
                                            max_new_tokens=max_new_tokens) for index, draft in enumerate(drafts)))
 
 
-async def _load(address: str, pid: int, loaded: EdgeDraft, drafts: list[EdgeDraft], prompts: tuple[str, ...],
+async def _load(address: str, pid: int, drafts: list[EdgeDraft], prompts: tuple[str, ...],
                 config: LoadBenchConfig, max_sessions: int) -> dict:
     async with VerifierClient(address) as admin:
+        print(f"[load] warming up: {min(len(drafts), max_sessions)} sessions at once", file=sys.stderr)
         await _warm_up(admin, drafts[:max_sessions], prompts, config.max_new_tokens)
         started = time.perf_counter()
         sampler = _Sampler(admin, pid, started)
         before = await sampler.sample_once_idle(config.sample_interval_s)
         sampling = asyncio.ensure_future(sampler.sample_every(config.sample_interval_s))
         deadline = started + config.duration
-        per_client = await asyncio.gather(*(_client(address, loaded, draft, random.Random(f"{config.seed}:{index}"),
+        per_client = await asyncio.gather(*(_client(address, draft, random.Random(f"{config.seed}:{index}"),
                                                     prompts, config, deadline) for index, draft in enumerate(drafts)))
         wall_s = time.perf_counter() - started
         sampling.cancel()
@@ -274,7 +278,7 @@ def run_load_bench(config: LoadBenchConfig) -> dict:
     with VerifierProcess(serve_config, cpus=placement.verifier_cpus) as verifier, placement.edge_pinned():
         loaded = load_edge_draft(pair.draft_onnx_dir, threads=1)
         drafts = [loaded.fork() for _ in range(config.clients)]  # before the clock: one per client, as on N devices
-        run = uvloop.run(_load(verifier.address, verifier.pid, loaded, drafts, HELD_OUT_PROMPTS + HARD_PROMPTS, config,
+        run = uvloop.run(_load(verifier.address, verifier.pid, drafts, HELD_OUT_PROMPTS + HARD_PROMPTS, config,
                                serve_config.max_sessions))
     before, after = asdict(run["before"]), asdict(run["after"])
     report = {"pair": config.pair, "placement": placement.describe(), "note": note, "config": asdict(config),
