@@ -26,7 +26,7 @@ from cloud_verifier.server import ServeConfig
 from edge_client.client import EdgeClientError, EdgeDraft, VerifierClient, load_edge_draft
 from shared.decoding import AcceptanceRule, DecodeMode, DecodingConfig
 from shared.errors import UserFacingError
-from specbridge.bench.report import save_report
+from specbridge.bench.report import pyplot, save_figure, save_report
 from specbridge.placement import PlacementSettings
 
 DRAFT_LENS: tuple[int | None, ...] = (None, 2, 4, 8)  # None: the adaptive length, the product's default
@@ -334,11 +334,7 @@ def _codes(counts: dict[str, int]) -> str:
 
 def plot_load(report: dict, path: Path) -> None:
     """The verifier's RSS, KV bytes and live sessions over time; the load runs between the dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     samples = report["samples"]
     times = [sample["at_s"] for sample in samples]
     figure, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
@@ -354,7 +350,4 @@ def plot_load(report: dict, path: Path) -> None:
     config = report["config"]
     figure.suptitle(f"{report['pair']}: {config['clients']} clients, {config['duration']:g} s, "
                     f"--max-sessions {report['max_sessions']}\n{report['placement']}", fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)

@@ -35,6 +35,11 @@ def finish_figure(figure: Any, axes: list[Any], title: str, path: Path) -> None:
         axis.legend(fontsize="small")
         axis.grid(alpha=0.3, axis="y")
     figure.suptitle(title)
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """The figure laid out, written to `path` (at 120 dpi) and closed."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
